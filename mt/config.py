@@ -1,0 +1,206 @@
+"""Typed configuration: the dataclasses below are the single source of defaults.
+
+A recipe (YAML) only overrides them, section by section (`data`, `model`, `train`, `decode`), and
+`--set section.key=value` overrides the recipe. Unknown keys, wrong types and malformed YAML are
+reported as one `MTError` line naming the key or file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mt.errors import MTError
+
+
+@dataclass
+class DataConfig:
+    src_lang: str = "en"                # source language code: suffix of local files / key in HF rows
+    tgt_lang: str = "de"                # target language code
+    train: str = ""                     # local training files: PREFIX.{src,tgt}[.gz]
+    valid: str = ""                     # local validation files: PREFIX.{src,tgt}[.gz]
+    hf_dataset: str = ""                # instead of local files: a `datasets` hub name or save_to_disk dir
+    hf_config: str = ""                 # hub config name, e.g. "de-en" for wmt14
+    hf_train_split: str = "train"       # split used for training
+    hf_valid_split: str = "validation"  # split used for validation
+    hf_field: str = "translation"       # column holding {lang: text} dicts
+    max_sentences: int = 0              # keep only the first N training pairs (0: all)
+    max_valid_sentences: int = 0        # keep only the first N validation pairs (0: all)
+    max_len: int = 250                  # drop training pairs with more tokens than this on either side
+    max_len_ratio: float = 3.0          # drop training pairs whose token-length ratio exceeds this
+    vocab_size: int = 8000              # joint SentencePiece vocabulary size
+    spm_model_type: str = "bpe"         # "bpe" or "unigram"
+    spm_character_coverage: float = 1.0  # share of characters SentencePiece must cover
+    spm_max_sentences: int = 2_000_000  # sample at most this many sentences to train SentencePiece
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "transformer"           # "transformer": encoder-decoder
+    enc_layers: int = 3                 # encoder layers
+    dec_layers: int = 3                 # decoder layers
+    d_model: int = 256                  # width of every residual stream
+    heads: int = 4                      # attention heads (d_model must divide by it)
+    ffn: int = 1024                     # hidden width of the feed-forward blocks
+    dropout: float = 0.1                # dropout on embeddings and residual branches
+    attn_dropout: float = 0.0           # dropout on attention weights
+    activation_dropout: float = 0.0     # dropout on the FFN hidden units
+    max_positions: int = 1024           # longest sequence the sinusoidal table covers
+    tie_embeddings: bool = True         # share source/target/output embeddings (joint vocabulary)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/model"         # run directory: weights, config, tokenizer, metrics, state
+    seed: int = 1                       # seeds parameters, data order and dropout
+    batch_tokens: int = 2300            # batch size: sentences x max(source, target) padded length (per process)
+    accum_steps: int = 1                # batches accumulated into one update
+    lr: float = 7e-4                    # peak learning rate
+    warmup_steps: int = 200             # linear warm-up, then inverse square root decay
+    betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
+    weight_decay: float = 0.0           # AdamW decoupled weight decay
+    label_smoothing: float = 0.1        # label-smoothing epsilon of the cross-entropy
+    clip_norm: float = 1.0              # gradient norm clipping (0: off)
+    max_steps: int = 0                  # stop after this many updates (0: no limit)
+    max_epochs: int = 0                 # stop after this many epochs (0: no limit)
+    max_minutes: float = 0.0            # stop after this much training wall time, resumes included (0: none)
+    valid_every: int = 500              # validate (loss, perplexity, greedy BLEU) every N updates
+    save_every: int = 500               # write the resumable state every N updates
+    log_every: int = 50                 # append metrics to metrics.jsonl every N updates
+    best_metric: str = "bleu"           # "bleu" or "loss": which validation score picks the best weights
+    precision: str = "no"               # "no" (fp32), "bf16" or "fp16": Accelerate mixed precision
+    threads: int = 0                    # torch CPU threads (0: all cores)
+    progress: bool = True               # progress bar on stderr
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 5                  # beam width (1: greedy)
+    length_penalty: float = 1.0         # hypothesis score = log P / length ** length_penalty
+    max_len_a: float = 1.5              # longest output = a * source length + b
+    max_len_b: int = 10
+    batch_tokens: int = 6000            # source tokens x beam per translation batch
+    max_batch_sentences: int = 128      # and at most this many sentences per batch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(name: str, value, typ):
+    """Return `value` converted to `typ`, or raise MTError naming the key."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    raise MTError(f"config key {name}: expected {typ.__name__}, got {value!r}")
+
+
+def _apply(section_obj, section: str, values: dict, source: str):
+    if not isinstance(values, dict):
+        raise MTError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(section_obj))
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(hints)
+            raise MTError(f"{source}: unknown key {section}.{key} (known: {known})")
+        setattr(section_obj, key, _check_type(f"{section}.{key}", value, hints[key]))
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from nested dicts, validating every key and type."""
+    cfg = Config()
+    if raw is None:
+        return cfg
+    if not isinstance(raw, dict):
+        raise MTError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    for section, values in raw.items():
+        if section not in ("data", "model", "train", "decode"):
+            raise MTError(f"{source}: unknown section '{section}' (known: data, model, train, decode)")
+        _apply(getattr(cfg, section), section, values or {}, source)
+    validate(cfg, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'train.lr=1e-3' -> ('train', 'lr', 0.001); the value is parsed as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise MTError(f"--set {text!r}: expected section.key=value, e.g. model.enc_layers=4")
+    key, value = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return section, name, parsed
+
+
+def load(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML recipe (or nothing: all defaults) and apply `section.key=value` overrides."""
+    raw: dict = {}
+    source = str(path) if path else "defaults"
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise MTError(f"recipe not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise MTError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise MTError(f"{path}: expected a mapping of sections at the top level")
+    raw = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        section, name, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise MTError(f"--set {text}: section '{section}' is not a mapping")
+        raw[section][name] = value
+    return from_dict(raw, source)
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Check values that have a valid range or set of choices."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.arch not in ("transformer",):
+        raise MTError(f"{source}: model.arch must be 'transformer', got {m.arch!r}")
+    if m.d_model % m.heads:
+        raise MTError(f"{source}: model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
+    if d.spm_model_type not in ("bpe", "unigram"):
+        raise MTError(f"{source}: data.spm_model_type must be 'bpe' or 'unigram', got {d.spm_model_type!r}")
+    if t.precision not in ("no", "bf16", "fp16"):
+        raise MTError(f"{source}: train.precision must be 'no', 'bf16' or 'fp16', got {t.precision!r}")
+    if t.best_metric not in ("bleu", "loss"):
+        raise MTError(f"{source}: train.best_metric must be 'bleu' or 'loss', got {t.best_metric!r}")
+    if len(t.betas) != 2:
+        raise MTError(f"{source}: train.betas must be a list of two floats")
+    for name in ("batch_tokens", "accum_steps", "valid_every", "save_every", "log_every"):
+        if getattr(t, name) < 1:
+            raise MTError(f"{source}: train.{name} must be >= 1")
+    if d.vocab_size < 8:
+        raise MTError(f"{source}: data.vocab_size must be at least 8")
+    if cfg.decode.beam_size < 1:
+        raise MTError(f"{source}: decode.beam_size must be >= 1")

@@ -1,0 +1,179 @@
+"""Greedy decoding, ancestral sampling and beam search over token ids (no text here).
+
+Every routine drives a model through two calls: `model.new_cache(src, max_len)` (encode once,
+preallocate the key/value cache) and `model.step(tokens, cache)` -> next-token log-probs (B, V).
+Finished sentences are dropped from the batch (`cache.reorder`), so they cost nothing afterwards.
+Sampling draws one counter-based uniform per (seed, sentence id, step): the same seed and input give
+the same output whatever the batch size or order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mt.tokenizer import EOS, BOS
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]                  # output ids, without BOS and EOS
+    logprob: float                     # log P(y | x), summed over tokens including EOS
+    score: float                       # logprob / len(y + EOS) ** length_penalty
+    step_logprobs: list[float] = field(default_factory=list)  # log P of each output token, EOS last
+
+
+def _finish(tokens: list[int], step_lps: list[float], length_penalty: float) -> Hypothesis:
+    logprob = float(sum(step_lps))
+    return Hypothesis(tokens, logprob, logprob / len(step_lps) ** length_penalty, step_lps)
+
+
+def _uniform(seed: int, ids: torch.Tensor, step: int) -> torch.Tensor:
+    """A uniform in [0, 1) per id from a hash of (seed, id, step) (murmur3 finaliser, 32 bits)."""
+    M = 0xFFFFFFFF
+    x = (ids * 0x9E3779B1 + (step + 1) * 0x85EBCA77 + (seed & M) * 0xC2B2AE3D) & M
+    for mul in (0x85EBCA6B, 0xC2B2AE35):
+        x = ((x ^ (x >> 16)) * mul) & M
+    x = (x ^ (x >> 16)) & M
+    return (x >> 8).double() / float(1 << 24)
+
+
+def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """Apply temperature, then keep the top-k tokens, then the smallest set whose mass reaches top_p."""
+    logits = logits / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop = mass_before >= top_p  # a token is kept if the mass above it has not yet reached p
+        drop[..., 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample_tokens(logprobs, *, ids, step, seed, temperature, top_k, top_p):
+    """Draw one token per row by inverse-CDF sampling with counter-based uniforms."""
+    probs = filter_logits(logprobs, temperature=temperature, top_k=top_k, top_p=top_p).softmax(-1).double()
+    cdf = probs.cumsum(-1)
+    u = _uniform(seed, ids, step) * cdf[:, -1]
+    tok = torch.searchsorted(cdf, u[:, None]).squeeze(1)
+    return tok.clamp_(max=probs.shape[-1] - 1)
+
+
+@torch.inference_mode()
+def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int = 0,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             length_penalty: float = 0.0) -> list[Hypothesis]:
+    """Greedy decoding (sample=False) or ancestral sampling, batched on the cache.
+
+    src (B, S); max_lens (B,) longest output per sentence before EOS is forced; ids (B,) sentence ids
+    that key the sampling random numbers (default 0..B-1).
+    """
+    B = src.shape[0]
+    max_lens = max_lens.to(torch.long)
+    ids = torch.arange(B) if ids is None else torch.as_tensor(ids, dtype=torch.long)
+    T = int(max_lens.max()) + 1
+    cache = model.new_cache(src, T)
+    alive = torch.arange(B)
+    out_tok = torch.zeros(B, T, dtype=torch.long)
+    out_lp = torch.zeros(B, T)
+    lengths = torch.full((B,), T, dtype=torch.long)
+    tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+    for t in range(T):
+        lp = model.step(tokens, cache).cpu()  # (b, V)
+        if sample:
+            nxt = sample_tokens(lp, ids=ids[alive], step=t, seed=seed, temperature=temperature,
+                                top_k=top_k, top_p=top_p)
+        else:
+            nxt = lp.argmax(-1)
+        nxt = torch.where(max_lens[alive] <= t, torch.full_like(nxt, EOS), nxt)
+        out_tok[alive, t] = nxt
+        out_lp[alive, t] = lp.gather(1, nxt[:, None]).squeeze(1)
+        done = nxt == EOS
+        if done.any():
+            lengths[alive[done]] = t + 1
+            keep = (~done).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            cache.reorder(keep.to(src.device))
+            alive, nxt = alive[keep], nxt[keep]
+        tokens = nxt[:, None].to(src.device)
+    return [_finish(out_tok[b, :lengths[b] - 1].tolist(), out_lp[b, :lengths[b]].tolist(), length_penalty)
+            for b in range(B)]
+
+
+@torch.inference_mode()
+def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float = 1.0,
+                nbest: int = 1) -> list[list[Hypothesis]]:
+    """Batched beam search; returns the `nbest` best finished hypotheses per sentence, best first.
+
+    Each step ranks 2k candidates per sentence: EOS candidates among the top k are set aside as
+    finished, the best k others continue, so finished hypotheses never starve the beam. A sentence
+    stops once it has k finished hypotheses and no live one can still beat the k-th (exact for
+    length_penalty=0, where log-probs only fall; the current length is used otherwise).
+    """
+    B, k = src.shape[0], beam_size
+    max_lens = max_lens.to(torch.long)
+    T = int(max_lens.max()) + 1
+    cache = model.new_cache(src, T)
+    cache.reorder(torch.arange(B, device=src.device).repeat_interleave(k))  # encoded once, expanded to B*k
+    alive = torch.arange(B)                                                # sentence of each live row-block
+    scores = torch.full((B, k), float("-inf"))
+    scores[:, 0] = 0.0
+    hist_tok = torch.zeros(B * k, 0, dtype=torch.long)                    # (b*k, t) tokens so far
+    hist_lp = torch.zeros(B * k, 0)                                        # their per-step log-probs
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    tokens = torch.full((B * k, 1), BOS, dtype=torch.long, device=src.device)
+    for t in range(T):
+        b = len(alive)
+        lp = model.step(tokens, cache).cpu()                               # (b*k, V)
+        V = lp.shape[1]
+        force = (max_lens[alive] <= t).repeat_interleave(k)
+        if force.any():  # at the length limit only EOS may follow
+            eos_lp = lp[force, EOS].clone()
+            lp[force] = float("-inf")
+            lp[force, EOS] = eos_lp
+        cand = (scores.view(-1, 1) + lp).view(b, k * V)
+        n_cand = min(2 * k, k * V)
+        top_scores, top_idx = cand.topk(n_cand, dim=1)                    # (b, 2k)
+        beam, tok = top_idx // V, top_idx % V
+        is_eos = (tok == EOS) | ~torch.isfinite(top_scores)
+        rank = torch.arange(n_cand)
+        for i, j in ((tok == EOS) & torch.isfinite(top_scores) & (rank < k)).nonzero().tolist():
+            row = i * k + int(beam[i, j])
+            step_lps = hist_lp[row].tolist() + [float(lp[row, EOS])]
+            finished[int(alive[i])].append(_finish(hist_tok[row].tolist(), step_lps, length_penalty))
+        # the best k candidates that are not EOS continue
+        sel = (is_eos.long() * n_cand + rank).argsort(dim=1)[:, :k]      # (b, k)
+        scores = top_scores.gather(1, sel)
+        src_rows = (torch.arange(b)[:, None] * k + beam.gather(1, sel)).view(-1)
+        new_tok = tok.gather(1, sel).view(-1)
+        hist_lp = torch.cat([hist_lp[src_rows], lp[src_rows, new_tok][:, None]], 1)
+        hist_tok = torch.cat([hist_tok[src_rows], new_tok[:, None]], 1)
+        # which sentences are done
+        done = []
+        for i in range(b):
+            fin = finished[int(alive[i])]
+            best_live = float(scores[i, 0])
+            if t + 1 >= T or best_live == float("-inf"):
+                done.append(True)
+            elif len(fin) >= k:
+                kth = sorted((h.score for h in fin), reverse=True)[k - 1]
+                done.append(best_live / (t + 1) ** length_penalty <= kth)
+            else:
+                done.append(False)
+        done_t = torch.tensor(done)
+        if done_t.all():
+            break
+        keep_sent = (~done_t).nonzero().squeeze(1)
+        rows = (keep_sent[:, None] * k + torch.arange(k)).view(-1)
+        src_rows = src_rows[rows]
+        cache.reorder(src_rows.to(src.device))
+        alive, scores = alive[keep_sent], scores[keep_sent]
+        hist_tok, hist_lp = hist_tok[rows], hist_lp[rows]
+        tokens = new_tok[rows][:, None].to(src.device)
+    return [sorted(fin, key=lambda h: h.score, reverse=True)[:nbest] for fin in finished]

@@ -1,0 +1,272 @@
+"""The training loop: plain Hugging Face Accelerate, resumable, time- and step-limited.
+
+One update = `accum_steps` micro-batches on each of the Accelerate processes. The loss is the
+label-smoothed cross-entropy summed over non-pad target tokens and divided by the number of such
+tokens in the whole update (all micro-batches, all processes), so 2 processes x 1 batch and
+1 process x 2 batches give the same gradient. Batch order comes from (seed, epoch); the position in
+the epoch, elapsed time and best score are saved beside Accelerate's state, so a resumed run
+continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from mt import checkpoint, data as data_mod
+from mt.config import Config
+from mt.errors import MTError
+from mt.metrics import corpus_scores, perplexity
+from mt.loss import smoothed_cross_entropy
+from mt.model import Transformer
+from mt.tokenizer import PAD, Tokenizer, train_tokenizer
+from mt.translate import Translator
+
+MAX_BAD_STEPS = 5  # non-finite losses in a row before training stops
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to cfg.lr, then inverse square root decay (step counts from 1)."""
+    step = max(step, 1)
+    return cfg.lr * min(step / cfg.warmup_steps, math.sqrt(cfg.warmup_steps / step))
+
+
+def prepare_run(cfg: Config, accelerator: Accelerator, resume: bool) -> Path:
+    run = Path(cfg.train.out_dir)
+    if resume:
+        if not (run / "state").is_dir() and not (run / "state.old").is_dir():
+            raise MTError(f"--resume: no saved state in {run}")
+        saved = checkpoint.config_mod.load(run / "config.yaml")
+        for section in ("data", "model"):
+            if getattr(saved, section) != getattr(cfg, section):
+                raise MTError(f"--resume: {section} config differs from the one saved in {run}/config.yaml")
+    elif (run / "state").is_dir():
+        raise MTError(f"{run} already holds a training run: pass --resume, or set train.out_dir")
+    if accelerator.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run
+
+
+def load_data(cfg: Config, run: Path, accelerator: Accelerator):
+    """Tokenizer (trained on the training corpus if the run has none) and encoded train/valid data."""
+    src, tgt = data_mod.read_split(cfg.data, "train")
+    if not src:
+        raise MTError("the training corpus is empty")
+    spm_path = run / "spm.model"
+    if accelerator.is_main_process and not spm_path.is_file():
+        accelerator.print(f"mt: training a {cfg.data.vocab_size}-piece SentencePiece model", file=sys.stderr)
+        train_tokenizer(iter(src + tgt), spm_path, vocab_size=cfg.data.vocab_size,
+                        model_type=cfg.data.spm_model_type, seed=cfg.train.seed,
+                        character_coverage=cfg.data.spm_character_coverage,
+                        max_sentences=cfg.data.spm_max_sentences)
+    accelerator.wait_for_everyone()
+    tok = Tokenizer(spm_path)
+    train = data_mod.encode_parallel(tok, src, tgt, max_len=cfg.data.max_len, max_ratio=cfg.data.max_len_ratio)
+    if len(train.src) == 0:
+        raise MTError("no training pairs left after length filtering (data.max_len, data.max_len_ratio)")
+    valid = None
+    if cfg.data.valid or cfg.data.hf_dataset:
+        v_src, v_tgt = data_mod.read_split(cfg.data, "valid")
+        valid = (v_src, v_tgt, data_mod.encode_parallel(tok, v_src, v_tgt))
+    return tok, train, valid
+
+
+class Progress:
+    """What Accelerate's state does not hold: position in the data, time, best score. Saved as JSON."""
+
+    def __init__(self):
+        self.step = self.epoch = self.batch = self.bad_steps = 0
+        self.elapsed = 0.0
+        self.best = None
+
+    def save(self, path: Path):
+        checkpoint.atomic_write_text(path, json.dumps(self.__dict__))
+
+    def load(self, path: Path):
+        self.__dict__.update(json.loads(path.read_text()))
+
+
+@torch.no_grad()
+def validate(model, translator: Translator, valid, cfg: Config) -> dict:
+    """Teacher-forced loss and perplexity, and greedy BLEU, on the validation set."""
+    src_text, ref_text, data = valid
+    model.eval()
+    nll_sum, ntok = 0.0, 0
+    for idx in data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), cfg.train.batch_tokens,
+                                      seed=0, epoch=0, shuffle=False):
+        b = {k: v.to(translator.device) for k, v in data_mod.collate(data, idx).items()}
+        logits = model(b["src"], b["tgt_in"], b["tgt_out"])
+        target = b["tgt_out"][b["tgt_out"] != PAD]
+        nll_sum += float(F.cross_entropy(logits.float(), target, reduction="sum"))
+        ntok += len(target)
+    hyps = translator.translate(src_text, beam_size=1)
+    bleu = corpus_scores(hyps, ref_text)["bleu"]["score"]
+    model.train()
+    return {"valid_loss": nll_sum / ntok, "valid_ppl": perplexity(nll_sum, ntok), "valid_bleu": bleu}
+
+
+def train(cfg: Config, *, resume: bool = False) -> Path:
+    """Train the model described by `cfg`; returns the run directory."""
+    tc = cfg.train
+    torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+    accelerator = Accelerator(mixed_precision=tc.precision)
+    run = prepare_run(cfg, accelerator, resume)
+    set_seed(tc.seed)
+    tok, train_data, valid = load_data(cfg, run, accelerator)
+    model = Transformer(cfg.model, len(tok))
+    opt_kwargs = {"fused": True} if accelerator.device.type in ("cpu", "cuda") else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                                  weight_decay=tc.weight_decay, **opt_kwargs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    progress = Progress()
+    if accelerator.is_main_process:
+        checkpoint.save_config(cfg, run, vocab_size=len(tok))
+    if resume:
+        state = run / "state" if (run / "state").is_dir() else run / "state.old"
+        accelerator.load_state(str(state))
+        progress.load(state / "progress.json")
+    translator = Translator(raw_model, tok, cfg, device=str(accelerator.device))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_update = tc.accum_steps * world
+    src_lens, tgt_lens = train_data.src.lengths(), train_data.tgt.lengths()
+    metrics_file = run / "metrics.jsonl"
+    accelerator.print(f"mt: {len(train_data.src)} training pairs, {raw_model.num_parameters():,} parameters, "
+                      f"{world} process(es) on {accelerator.device}", file=sys.stderr)
+
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: stop_signal.append(s))
+
+    def log(record: dict):
+        if accelerator.is_main_process:
+            with open(metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_state():
+        """Accelerate state + progress into state.tmp, then swap it in: never a half-written state."""
+        if accelerator.is_main_process:
+            shutil.rmtree(run / "state.tmp", ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(run / "state.tmp"), safe_serialization=True)
+        if accelerator.is_main_process:
+            progress.save(run / "state.tmp" / "progress.json")
+            checkpoint.save_weights(raw_model, run / "last.safetensors")
+            if (run / "state").is_dir():
+                shutil.rmtree(run / "state.old", ignore_errors=True)
+                os.replace(run / "state", run / "state.old")
+            os.replace(run / "state.tmp", run / "state")
+            shutil.rmtree(run / "state.old", ignore_errors=True)
+            if progress.best is None:  # no validation yet: the latest weights are the best we have
+                checkpoint.save_weights(raw_model, run / "model.safetensors")
+        accelerator.wait_for_everyone()
+
+    def run_validation():
+        if valid is None or not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return
+        scores = validate(raw_model, translator, valid, cfg)
+        metric = scores["valid_bleu"] if tc.best_metric == "bleu" else -scores["valid_loss"]
+        if progress.best is None or metric > progress.best:
+            progress.best = metric
+            checkpoint.save_weights(raw_model, run / "model.safetensors")
+            checkpoint.save_config(cfg, run, vocab_size=len(tok), step=progress.step, **scores)
+        log({"step": progress.step, **scores})
+        accelerator.print(f"mt: step {progress.step} valid loss {scores['valid_loss']:.3f} "
+                          f"ppl {scores['valid_ppl']:.2f} greedy BLEU {scores['valid_bleu']:.2f}", file=sys.stderr)
+        accelerator.wait_for_everyone()
+
+    def out_of_budget() -> bool:
+        elapsed = progress.elapsed + time.time() - session_start
+        return bool((tc.max_steps and progress.step >= tc.max_steps)
+                    or (tc.max_epochs and progress.epoch >= tc.max_epochs)
+                    or (tc.max_minutes and elapsed >= tc.max_minutes * 60) or stop_signal)
+
+    session_start, elapsed_base = time.time(), progress.elapsed
+    bar = tqdm(disable=not (tc.progress and accelerator.is_main_process), file=sys.stderr,
+               initial=progress.step, unit="step", dynamic_ncols=True)
+    model.train()
+    win_tokens, win_loss, win_nll, win_start = 0, 0.0, 0.0, time.time()
+    stopped_by_faults = False
+    while not out_of_budget():
+        batches = data_mod.token_batches(src_lens, tgt_lens, tc.batch_tokens, seed=tc.seed, epoch=progress.epoch)
+        n_updates = len(batches) // per_update
+        if n_updates == 0:
+            raise MTError(f"train.batch_tokens={tc.batch_tokens} leaves fewer batches than one update needs")
+        while progress.batch < n_updates and not out_of_budget():
+            first = progress.batch * per_update
+            micro = [data_mod.collate(train_data, batches[first + a * world + rank]) for a in range(tc.accum_steps)]
+            local = sum(int((m["tgt_out"] != PAD).sum()) for m in micro)
+            total = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum").item()
+            lr = lr_at(progress.step + 1, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = nll_sum = 0.0
+            for a, m in enumerate(micro):
+                m = {k: v.to(accelerator.device) for k, v in m.items()}
+                sync = a == len(micro) - 1
+                with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                    logits = model(m["src"], m["tgt_in"], m["tgt_out"])  # (N, V) non-pad positions
+                    loss, nll = smoothed_cross_entropy(logits, m["tgt_out"][m["tgt_out"] != PAD], tc.label_smoothing)
+                accelerator.backward(loss * world / total)
+                loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
+            finite = accelerator.reduce(torch.tensor(float(math.isfinite(loss_sum)), device=accelerator.device), "min")
+            progress.batch += 1
+            if finite.item() < 1:  # skip the update, keep count; stop after too many in a row
+                optimizer.zero_grad(set_to_none=True)
+                progress.bad_steps += 1
+                log({"step": progress.step, "skipped_nonfinite": progress.bad_steps})
+                if progress.bad_steps >= MAX_BAD_STEPS:
+                    stopped_by_faults = True
+                    break
+                continue
+            progress.bad_steps = 0
+            if tc.clip_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), tc.clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.elapsed = elapsed_base + time.time() - session_start
+            win_tokens += local
+            win_loss, win_nll = win_loss + loss_sum / local, win_nll + nll_sum / local
+            bar.update(1)
+            if progress.step % tc.log_every == 0:
+                dt = time.time() - win_start
+                rec = {"step": progress.step, "epoch": progress.epoch, "lr": lr,
+                       "loss": win_loss / tc.log_every, "nll": win_nll / tc.log_every,
+                       "tgt_tokens_per_s": win_tokens * world / dt, "elapsed_s": round(progress.elapsed, 1)}
+                log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tgt_tokens_per_s']:.0f}")
+                win_tokens, win_loss, win_nll, win_start = 0, 0.0, 0.0, time.time()
+            if progress.step % tc.valid_every == 0:
+                run_validation()
+            if progress.step % tc.save_every == 0:
+                save_state()
+        if stopped_by_faults:
+            break
+        if progress.batch >= n_updates:
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+    bar.close()
+    progress.elapsed = elapsed_base + time.time() - session_start
+    if progress.step % tc.valid_every and not stopped_by_faults:
+        run_validation()
+    save_state()
+    if stopped_by_faults:
+        raise MTError(f"training stopped: {MAX_BAD_STEPS} non-finite losses in a row at step {progress.step} "
+                      f"(state saved in {run}/state)")
+    accelerator.print(f"mt: stopped at step {progress.step}, epoch {progress.epoch}, "
+                      f"{progress.elapsed / 60:.1f} min; run directory {run}", file=sys.stderr)
+    return run

@@ -1,0 +1,127 @@
+"""Translator: a trained run as a library object (`mt.load(run)`), text in, text out.
+
+Sentences are tokenized, sorted by length, cut into batches of at most `decode.batch_tokens` source
+tokens x beam, decoded on the key/value cache (mt.search), and returned in input order. Empty or
+whitespace-only inputs give empty outputs without touching the model. `translate_stream` reads an
+iterable lazily, one window at a time, and yields results in input order as each window finishes.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from mt.checkpoint import load_run
+from mt.config import Config
+from mt.search import Hypothesis, beam_search, generate
+from mt.tokenizer import EOS, PAD, Tokenizer
+
+
+def clean_line(text: str) -> str:
+    """Drop line ends, NULs and other control characters that SentencePiece must not see."""
+    text = text.rstrip("\r\n")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else " " for ch in text)
+
+
+class Translator:
+    """Translate with a trained model. All options are keyword-only; None means the run's decode config."""
+
+    def __init__(self, model, tokenizer: Tokenizer, cfg: Config, *, device: str = "cpu"):
+        self.model, self.tokenizer, self.cfg = model.to(device).eval(), tokenizer, cfg
+        self.device = torch.device(device)
+        # leave room for EOS; longer inputs are truncated (with a warning)
+        self.max_src_tokens = cfg.model.max_positions - 1
+        self.warn = lambda msg: print(f"mt: warning: {msg}", file=sys.stderr)
+
+    @classmethod
+    def load(cls, run: str | Path, *, device: str | None = None, weights: str = "model") -> "Translator":
+        cfg, model, tok = load_run(run, weights=weights)
+        return cls(model, tok, cfg, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # --- public API ------------------------------------------------------------------------
+    def translate(self, sentences: list[str], *, beam_size: int | None = None,
+                  length_penalty: float | None = None, max_len_a: float | None = None,
+                  max_len_b: int | None = None) -> list[str]:
+        """Translate a list of sentences; beam_size=1 is greedy search."""
+        hyps = self.search(sentences, beam_size=beam_size, length_penalty=length_penalty,
+                           max_len_a=max_len_a, max_len_b=max_len_b)
+        return [self.tokenizer.decode([h[0].tokens])[0] if h else "" for h in hyps]
+
+    def translate_stream(self, lines: Iterable[str], *, window: int = 1000, **options) -> Iterator[str]:
+        """Translate an iterable lazily, `window` lines at a time, yielding outputs in input order."""
+        it = iter(lines)
+        while chunk := list(itertools.islice(it, window)):
+            yield from self.translate(chunk, **options)
+
+    def search(self, sentences: list[str], *, beam_size: int | None = None,
+               length_penalty: float | None = None, max_len_a: float | None = None,
+               max_len_b: int | None = None, nbest: int = 1, sample: bool = False,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               ids: list[int] | None = None) -> list[list[Hypothesis]]:
+        """Hypotheses per sentence (empty list for an empty input), best first.
+
+        `ids` key the sampling random numbers per sentence (default: positions in `sentences`).
+        """
+        dc = replace(self.cfg.decode, **{k: v for k, v in dict(
+            beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+            max_len_b=max_len_b).items() if v is not None})
+        texts = [clean_line(s) for s in sentences]
+        ids = list(range(len(texts))) if ids is None else list(ids)
+        out: list[list[Hypothesis]] = [[] for _ in texts]
+        todo = [i for i, s in enumerate(texts) if s.strip()]
+        encoded = self.tokenizer.encode([texts[i] for i in todo])
+        src_ids = {}
+        for i, ids_ in zip(todo, encoded):
+            if len(ids_) > self.max_src_tokens:
+                self.warn(f"input {ids[i] + 1} has {len(ids_)} tokens; truncated to {self.max_src_tokens}")
+                ids_ = ids_[:self.max_src_tokens]
+            src_ids[i] = ids_
+        width = 1 if sample else dc.beam_size
+        for batch in self._batches(todo, src_ids, width, dc):
+            src = self._pad([src_ids[i] for i in batch])
+            lens = torch.tensor([len(src_ids[i]) for i in batch])
+            max_lens = (dc.max_len_a * lens + dc.max_len_b).long()
+            max_lens = max_lens.clamp(max=self.cfg.model.max_positions - 1)
+            if sample or dc.beam_size == 1:
+                res = generate(self.model, src, max_lens, sample=sample, ids=[ids[i] for i in batch],
+                               seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                               length_penalty=dc.length_penalty)
+                res = [[h] for h in res]
+            else:
+                res = beam_search(self.model, src, max_lens, beam_size=dc.beam_size,
+                                  length_penalty=dc.length_penalty, nbest=nbest)
+            for i, hyps in zip(batch, res):
+                out[i] = hyps
+        return out
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _batches(self, todo: list[int], src_ids: dict, width: int, dc) -> Iterator[list[int]]:
+        """Longest first, at most batch_tokens (source tokens x width) and max_batch_sentences."""
+        order = sorted(todo, key=lambda i: len(src_ids[i]), reverse=True)
+        batch: list[int] = []
+        longest = 0
+        for i in order:
+            n = len(src_ids[i]) + 1
+            longest = max(longest, n)
+            if batch and ((len(batch) + 1) * longest * width > dc.batch_tokens
+                          or len(batch) >= dc.max_batch_sentences):
+                yield batch
+                batch, longest = [], n
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def _pad(self, seqs: list[list[int]]) -> torch.Tensor:
+        """x EOS, right-padded: (B, S)."""
+        S = max(len(s) for s in seqs) + 1
+        src = torch.full((len(seqs), S), PAD, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            src[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+            src[b, len(s)] = EOS
+        return src.to(self.device)
