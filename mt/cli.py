@@ -105,20 +105,93 @@ def stdin_lines():
         yield raw.decode("utf-8", errors="replace")
 
 
+def sampling_options(f):
+    opts = [
+        click.option("--sample", is_flag=True, help="Ancestral sampling instead of search."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample among the k best (0: all)."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, help="Nucleus mass (1: all)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @decode_options
+@sampling_options
+@click.option("--nbest", type=click.IntRange(min=1), default=None,
+              help="N hypotheses (or samples) per input: 'index<TAB>hyp<TAB>log P<TAB>normalised score'.")
+@click.option("--scores", is_flag=True, help="Add log P(y|x) as a second, tab-separated column.")
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Lines read ahead and sorted by length (default 1000; 1 when stdin is a terminal).")
 def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batch_tokens, weights,
-              device, window):
-    """Translate stdin to stdout, one output line per input line, in order."""
+              device, sample, temperature, top_k, top_p, seed, nbest, scores, window):
+    """Translate stdin to stdout, one output line per input line (N with --nbest), in order."""
     t = load_translator(run, weights, device, batch_tokens)
     window = window or (1 if sys.stdin.isatty() else 1000)
+    kwargs = search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b)
+    n = nbest or 1
+    if nbest and not sample:
+        kwargs["beam_size"] = max(nbest, kwargs["beam_size"] or t.cfg.decode.beam_size)
+    lines = stdin_lines()
+    if sample and n > 1:  # N draws per input: repeat each line, draws keyed by (line, j)
+        lines = (line for line in stdin_lines() for _ in range(n))
+    stream = t.search_stream(lines, window=window * (n if sample else 1), nbest=n, sample=sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kwargs)
     out = sys.stdout
-    for hyp in t.translate_stream(stdin_lines(), window=window,
-                                  **search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b)):
-        out.write(hyp.replace("\n", " ") + "\n")
+    for i, hyps in enumerate(stream):
+        texts = [h.replace("\n", " ") for h in t.tokenizer.decode([h.tokens for h in hyps])]
+        if nbest:
+            index = i // n if sample else i
+            if not hyps:  # empty input: one empty hypothesis keeps the index sequence complete
+                out.write(f"{index}\t\t0.0000\t0.0000\n")
+            for h, text in zip(hyps, texts):
+                out.write(f"{index}\t{text}\t{h.logprob:.4f}\t{h.score:.4f}\n")
+        elif scores:
+            out.write(f"{texts[0]}\t{hyps[0].logprob:.4f}\n" if hyps else "\t0.0000\n")
+        else:
+            out.write((texts[0] if hyps else "") + "\n")
         out.flush()
+
+
+# --- score ------------------------------------------------------------------------------------
+@main.command()
+@click.option("-m", "--model", "run", required=True, type=click.Path(), help="Run directory.")
+@click.option("--src", type=click.Path(), default=None, help="Sources, one per line.")
+@click.option("--tgt", type=click.Path(), default=None, help="Targets, one per line (else TSV pairs on stdin).")
+@click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model")
+@click.option("--device", default=None)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout, JSON summary on stderr.")
+def score(run, src, tgt, weights, device, as_json):
+    """log P(y|x) per pair: 'log P<TAB>target tokens<TAB>NLL per token'; corpus summary on stderr."""
+    from mt.scoring import perplexities
+
+    t = load_translator(run, weights, device, None)
+    if (src is None) != (tgt is None):
+        raise MTError("give both --src and --tgt, or neither (tab-separated pairs on stdin)")
+    if src is not None:
+        sources, targets = read_text(src), read_text(tgt)
+        if len(sources) != len(targets):
+            raise MTError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
+    else:
+        pairs = [line.rstrip("\r\n").split("\t", 1) for line in stdin_lines()]
+        sources = [p[0] for p in pairs]
+        targets = [p[1] if len(p) > 1 else "" for p in pairs]
+    results = t.score_pairs(sources, targets)
+    for r in results:
+        if as_json:
+            click.echo(json.dumps({"logprob": r.logprob, "tokens": r.tokens, "nll_per_token": r.nll_per_token}))
+        else:
+            click.echo(f"{r.logprob:.4f}\t{r.tokens}\t{r.nll_per_token:.4f}")
+    summary = perplexities(results)
+    if as_json:
+        click.echo(json.dumps(summary), err=True)
+    else:
+        click.echo(f"mt: {summary['sentences']} pairs, {summary['tokens']} target tokens, log P {summary['logprob']:.2f}, "
+                   f"per-token perplexity {summary['ppl_per_token']:.3f}, "
+                   f"per-sentence perplexity {summary['ppl_per_sentence']:.3f}", err=True)
 
 
 # --- eval -------------------------------------------------------------------------------------
@@ -133,6 +206,7 @@ def read_text(path: str) -> list[str]:
 @main.command("eval")
 @click.option("--bleu", is_flag=True, help="sacreBLEU BLEU (default when no metric is named).")
 @click.option("--chrf", is_flag=True, help="sacreBLEU chrF.")
+@click.option("--ppl", is_flag=True, help="Per-token and per-sentence perplexity of --ref given --src (needs -m).")
 @click.option("--hyp", type=click.Path(), default=None, help="Hypotheses, one per line.")
 @click.option("--ref", type=click.Path(), required=True, help="References, one per line.")
 @click.option("--src", type=click.Path(), default=None, help="Source to translate with -m first.")
@@ -146,32 +220,82 @@ def read_text(path: str) -> list[str]:
 @click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model")
 @click.option("--device", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(bleu, chrf, hyp, ref, src, run, beam_size, greedy, length_penalty, max_len_a, max_len_b,
+def evaluate(bleu, chrf, ppl, hyp, ref, src, run, beam_size, greedy, length_penalty, max_len_a, max_len_b,
              batch_tokens, weights, device, as_json):
     """Score hypotheses (--hyp) or a model's translations of --src against --ref."""
     from mt.metrics import corpus_scores
 
-    if (hyp is None) == (run is None):
-        raise MTError("give either --hyp FILE, or -m RUN with --src FILE")
+    if hyp is None and run is None:
+        raise MTError("give --hyp FILE, or -m RUN with --src FILE")
     refs = read_text(ref)
+    want_bleu = bleu or (not chrf and not ppl)
+    results: dict = {}
+    t = None
     if run is not None:
         if src is None:
-            raise MTError("-m RUN needs --src FILE to translate")
+            raise MTError("-m RUN needs --src FILE")
         sources = read_text(src)
         if len(sources) != len(refs):
             raise MTError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
         t = load_translator(run, weights, device, batch_tokens)
-        hyps = t.translate(sources, **search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b))
-    else:
-        hyps = read_text(hyp)
-        if len(hyps) != len(refs):
-            raise MTError(f"{hyp} has {len(hyps)} lines but {ref} has {len(refs)}")
-    scores = corpus_scores(hyps, refs, bleu=bleu or not chrf, chrf=chrf)
+    elif ppl:
+        raise MTError("--ppl needs -m RUN and --src FILE")
+    if want_bleu or chrf:
+        if hyp is not None:
+            hyps = read_text(hyp)
+            if len(hyps) != len(refs):
+                raise MTError(f"{hyp} has {len(hyps)} lines but {ref} has {len(refs)}")
+        else:
+            hyps = t.translate(sources, **search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b))
+        results.update(corpus_scores(hyps, refs, bleu=want_bleu, chrf=chrf))
+    if ppl:
+        results["ppl"] = t.perplexity(sources, refs)
     if as_json:
-        click.echo(json.dumps({k: {"score": v["score"], "signature": v["signature"]} for k, v in scores.items()}))
-    else:
-        for v in scores.values():
+        click.echo(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "text"} for k, v in results.items()}))
+        return
+    for name, v in results.items():
+        if name == "ppl":
+            click.echo(f"perplexity per token {v['ppl_per_token']:.3f} (NLL {v['nll_per_token']:.4f} over "
+                       f"{v['tokens']} tokens), per sentence {v['ppl_per_sentence']:.3f} ({v['sentences']} sentences)")
+        else:
             click.echo(f"{v['text']}\n  signature: {v['signature']}")
+
+
+# --- bench ------------------------------------------------------------------------------------
+@main.group()
+def bench():
+    """Throughput and memory of training and decoding (a benchmark, not a test)."""
+
+
+@bench.command("train")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed updates per repeat.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_train(recipe, overrides, steps, repeats, as_json):
+    """Training throughput of RECIPE's model and batches."""
+    from mt import bench as b, config
+
+    result = b.bench_train(config.load(recipe, overrides), steps=steps, repeats=repeats)
+    click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench train {recipe}", result)
+
+
+@bench.command("translate")
+@click.option("-m", "--model", "run", required=True, type=click.Path())
+@click.option("--src", required=True, type=click.Path(), help="Sentences to translate.")
+@click.option("--beam", "beam_size", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--device", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def bench_translate(run, src, beam_size, batch_tokens, repeats, device, as_json):
+    """Decoding speed: sentences/s and generated tokens/s."""
+    from mt import bench as b
+
+    t = load_translator(run, "model", device, batch_tokens)
+    result = b.bench_translate(t, read_text(src), beam_size=beam_size, repeats=repeats)
+    click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate (beam {beam_size})", result)
 
 
 if __name__ == "__main__":

@@ -31,27 +31,32 @@ def sinusoids(n: int, d: int) -> torch.Tensor:
 class KVCache:
     """Decoder state for incremental decoding.
 
-    self_k/self_v: per layer (B, H, Tmax, Dh), filled up to `length`; memory_k/memory_v: per layer
+    self_k/self_v: per layer (B*g, H, Tmax, Dh), filled up to `length`. memory_k/memory_v: per layer
     (B, H, S, Dh), the encoder output projected once; memory_mask: (B, 1, 1, S), True = attend.
+    g = `group` decoder rows (beam hypotheses) share one source row: their cross-attention queries
+    are folded into one (B, H, g, Dh) query block, so the source is never copied per hypothesis.
     """
 
-    def __init__(self, self_k, self_v, memory_k, memory_v, memory_mask):
+    def __init__(self, self_k, self_v, memory_k, memory_v, memory_mask, group: int = 1):
         self.self_k, self.self_v = self_k, self_v
         self.memory_k, self.memory_v, self.memory_mask = memory_k, memory_v, memory_mask
+        self.group = group
         self.length = 0
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (beam reordering, or dropping finished sentences); copies only the filled part."""
+    def reorder(self, index: torch.Tensor, memory_index: torch.Tensor | None = None) -> None:
+        """Keep decoder rows `index` (copying only the filled part of the cache); `memory_index`
+        keeps source rows, needed only when sentences are dropped (rows of sentence b: b*g .. b*g+g-1)."""
         n = self.length
         for store in (self.self_k, self.self_v):
             for i, buf in enumerate(store):
                 new = buf.new_empty((len(index),) + buf.shape[1:])
                 new[:, :, :n] = buf[index, :, :n]
                 store[i] = new
-        for store in (self.memory_k, self.memory_v):
-            for i, buf in enumerate(store):
-                store[i] = buf.index_select(0, index)
-        self.memory_mask = self.memory_mask.index_select(0, index)
+        if memory_index is not None:
+            for store in (self.memory_k, self.memory_v):
+                for i, buf in enumerate(store):
+                    store[i] = buf.index_select(0, memory_index)
+            self.memory_mask = self.memory_mask.index_select(0, memory_index)
 
 
 class SelfAttention(nn.Module):
@@ -92,12 +97,14 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).view(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x, k, v, mask):
-        B, T, D = x.shape
-        q = self.q(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, Dh)
+    def forward(self, x, k, v, mask, group: int = 1):
+        """x (B*g, T, D) attends to k, v (B, H, S, Dh): the g rows of a group share one source."""
+        BG, T, D = x.shape
+        B = BG // group
+        q = self.q(x).view(B, group * T, self.heads, D // self.heads).transpose(1, 2)  # (B, H, g*T, Dh)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        return self.out(y.transpose(1, 2).reshape(BG, T, D))
 
 
 class FeedForward(nn.Module):
@@ -137,7 +144,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, memory_k, memory_v, memory_mask, *, cache=None, layer=0):
         x = x + self.drop(self.self_attn(self.norm1(x), causal=True, cache=cache, layer=layer))
-        x = x + self.drop(self.cross_attn(self.norm2(x), memory_k, memory_v, memory_mask))
+        group = cache.group if cache is not None else 1
+        x = x + self.drop(self.cross_attn(self.norm2(x), memory_k, memory_v, memory_mask, group))
         return x + self.drop(self.ffn(self.norm3(x)))
 
 
@@ -210,12 +218,17 @@ class Transformer(nn.Module):
             return self.output(hidden)
         return F.linear(hidden, self.tgt_embed.weight)
 
-    def log_probs(self, hidden):
-        """(..., D) -> log P(next token) (..., V) in float32; PAD and BOS are never outputs."""
-        logits = self.logits(hidden).float()
+    @staticmethod
+    def normalize(logits):
+        """logits (..., V) -> log P(next token) in float32; PAD and BOS are never outputs."""
+        logits = logits.float().clone()
         logits[..., PAD] = float("-inf")
         logits[..., BOS] = float("-inf")
         return F.log_softmax(logits, dim=-1)
+
+    def log_probs(self, hidden):
+        """(..., D) -> log P(next token) (..., V), the distribution decoding and scoring both use."""
+        return self.normalize(self.logits(hidden))
 
     def forward(self, src, tgt_in, tgt_out=None):
         """Teacher-forced logits: (B, T, V), or (N, V) for the N non-pad positions of tgt_out.
@@ -231,15 +244,15 @@ class Transformer(nn.Module):
         return self.logits(hidden)
 
     # --- incremental decoding -------------------------------------------------------------
-    def new_cache(self, src, max_len: int) -> KVCache:
-        """Encode `src` (B, S) once and preallocate room for `max_len` target positions."""
+    def new_cache(self, src, max_len: int, group: int = 1) -> KVCache:
+        """Encode `src` (B, S) once and preallocate room for `max_len` positions of B*group rows."""
         memory, mask = self.encode(src)
         kv = [layer.cross_attn.project_memory(memory) for layer in self.decoder]
-        B, H, L = src.shape[0], self.cfg.heads, len(self.decoder)
+        B, H, L = src.shape[0] * group, self.cfg.heads, len(self.decoder)
         shape = (B, H, max_len, self.cfg.d_model // H)
         self_k = [memory.new_empty(shape) for _ in range(L)]
         self_v = [memory.new_empty(shape) for _ in range(L)]
-        return KVCache(self_k, self_v, [k for k, _ in kv], [v for _, v in kv], mask)
+        return KVCache(self_k, self_v, [k for k, _ in kv], [v for _, v in kv], mask, group)
 
     def step(self, tokens, cache: KVCache):
         """Feed tokens (B, n) after the cached prefix; return log-probs of the next token (B, V)."""

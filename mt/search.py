@@ -99,7 +99,8 @@ def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int 
             keep = (~done).nonzero().squeeze(1)
             if len(keep) == 0:
                 break
-            cache.reorder(keep.to(src.device))
+            keep_dev = keep.to(src.device)
+            cache.reorder(keep_dev, keep_dev)
             alive, nxt = alive[keep], nxt[keep]
         tokens = nxt[:, None].to(src.device)
     return [_finish(out_tok[b, :lengths[b] - 1].tolist(), out_lp[b, :lengths[b]].tolist(), length_penalty)
@@ -119,8 +120,7 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
     B, k = src.shape[0], beam_size
     max_lens = max_lens.to(torch.long)
     T = int(max_lens.max()) + 1
-    cache = model.new_cache(src, T)
-    cache.reorder(torch.arange(B, device=src.device).repeat_interleave(k))  # encoded once, expanded to B*k
+    cache = model.new_cache(src, T, group=k)  # encoded once; k decoder rows per source row
     alive = torch.arange(B)                                                # sentence of each live row-block
     scores = torch.full((B, k), float("-inf"))
     scores[:, 0] = 0.0
@@ -172,7 +172,7 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
         keep_sent = (~done_t).nonzero().squeeze(1)
         rows = (keep_sent[:, None] * k + torch.arange(k)).view(-1)
         src_rows = src_rows[rows]
-        cache.reorder(src_rows.to(src.device))
+        cache.reorder(src_rows.to(src.device), None if len(keep_sent) == b else keep_sent.to(src.device))
         alive, scores = alive[keep_sent], scores[keep_sent]
         hist_tok, hist_lp = hist_tok[rows], hist_lp[rows]
         tokens = new_tok[rows][:, None].to(src.device)

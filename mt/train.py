@@ -43,6 +43,38 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * min(step / cfg.warmup_steps, math.sqrt(cfg.warmup_steps / step))
 
 
+def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr: float,
+           label_smoothing: float, clip_norm: float) -> tuple[float, float, int, bool]:
+    """One optimizer update over this process's micro-batches.
+
+    Returns (summed smoothed loss, summed NLL, local target tokens, applied); applied is False when
+    any process saw a non-finite loss, in which case the gradients are dropped and nothing changes.
+    """
+    world = accelerator.num_processes
+    local = sum(int((m["tgt_out"] != PAD).sum()) for m in micro)
+    total = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum").item()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = nll_sum = 0.0
+    for a, m in enumerate(micro):
+        m = {k: v.to(accelerator.device, non_blocking=True) for k, v in m.items()}
+        sync = a == len(micro) - 1  # gradients are all-reduced once, after the last micro-batch
+        with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            logits = model(m["src"], m["tgt_in"], m["tgt_out"])  # (N, V) non-pad positions
+            loss, nll = smoothed_cross_entropy(logits, m["tgt_out"][m["tgt_out"] != PAD], label_smoothing)
+        accelerator.backward(loss * world / total)  # DDP averages over processes: undo that, divide by all tokens
+        loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
+    finite = accelerator.reduce(torch.tensor(float(math.isfinite(loss_sum)), device=accelerator.device), "min")
+    if finite.item() < 1:
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, nll_sum, local, False
+    if clip_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, nll_sum, local, True
+
+
 def prepare_run(cfg: Config, accelerator: Accelerator, resume: bool) -> Path:
     run = Path(cfg.train.out_dir)
     if resume:
@@ -209,24 +241,11 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         while progress.batch < n_updates and not out_of_budget():
             first = progress.batch * per_update
             micro = [data_mod.collate(train_data, batches[first + a * world + rank]) for a in range(tc.accum_steps)]
-            local = sum(int((m["tgt_out"] != PAD).sum()) for m in micro)
-            total = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum").item()
             lr = lr_at(progress.step + 1, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = nll_sum = 0.0
-            for a, m in enumerate(micro):
-                m = {k: v.to(accelerator.device) for k, v in m.items()}
-                sync = a == len(micro) - 1
-                with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    logits = model(m["src"], m["tgt_in"], m["tgt_out"])  # (N, V) non-pad positions
-                    loss, nll = smoothed_cross_entropy(logits, m["tgt_out"][m["tgt_out"] != PAD], tc.label_smoothing)
-                accelerator.backward(loss * world / total)
-                loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
-            finite = accelerator.reduce(torch.tensor(float(math.isfinite(loss_sum)), device=accelerator.device), "min")
+            loss_sum, nll_sum, local, applied = update(model, optimizer, accelerator, micro, lr=lr,
+                                                       label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm)
             progress.batch += 1
-            if finite.item() < 1:  # skip the update, keep count; stop after too many in a row
-                optimizer.zero_grad(set_to_none=True)
+            if not applied:  # non-finite loss: the update was skipped; stop after too many in a row
                 progress.bad_steps += 1
                 log({"step": progress.step, "skipped_nonfinite": progress.bad_steps})
                 if progress.bad_steps >= MAX_BAD_STEPS:
@@ -234,10 +253,6 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
                     break
                 continue
             progress.bad_steps = 0
-            if tc.clip_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), tc.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.elapsed = elapsed_base + time.time() - session_start
             win_tokens += local

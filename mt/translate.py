@@ -17,6 +17,7 @@ import torch
 
 from mt.checkpoint import load_run
 from mt.config import Config
+from mt.scoring import PairScore, perplexities, score_ids
 from mt.search import Hypothesis, beam_search, generate
 from mt.tokenizer import EOS, PAD, Tokenizer
 
@@ -55,9 +56,45 @@ class Translator:
 
     def translate_stream(self, lines: Iterable[str], *, window: int = 1000, **options) -> Iterator[str]:
         """Translate an iterable lazily, `window` lines at a time, yielding outputs in input order."""
-        it = iter(lines)
+        for hyps in self.search_stream(lines, window=window, **options):
+            yield self.tokenizer.decode([hyps[0].tokens])[0] if hyps else ""
+
+    def search_stream(self, lines: Iterable[str], *, window: int = 1000, **options) -> Iterator[list[Hypothesis]]:
+        """`search` over an iterable, `window` lines at a time; sentence ids are global line numbers."""
+        it, start = iter(lines), 0
         while chunk := list(itertools.islice(it, window)):
-            yield from self.translate(chunk, **options)
+            yield from self.search(chunk, ids=range(start, start + len(chunk)), **options)
+            start += len(chunk)
+
+    def sample(self, sentences: list[str], *, n: int = 4, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, max_len_a: float | None = None,
+               max_len_b: int | None = None) -> list[list[str]]:
+        """`n` ancestral samples per sentence (temperature, then top-k, then nucleus top-p filtering).
+
+        Draw j of sentence i is keyed by (seed, i * n + j): reproducible whatever the batching.
+        """
+        rep = [s for s in sentences for _ in range(n)]
+        hyps = self.search(rep, sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, max_len_a=max_len_a, max_len_b=max_len_b)
+        texts = [self.tokenizer.decode([h[0].tokens])[0] if h else "" for h in hyps]
+        return [texts[i * n:(i + 1) * n] for i in range(len(sentences))]
+
+    def score(self, sources: list[str], targets: list[str]) -> list[float]:
+        """log P(target | source) per pair (natural log, EOS included)."""
+        return [s.logprob for s in self.score_pairs(sources, targets)]
+
+    def score_pairs(self, sources: list[str], targets: list[str]) -> list[PairScore]:
+        """log P(y | x) and the number of target tokens scored, per pair."""
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        src_ids = [s[:self.max_src_tokens] for s in self.tokenizer.encode([clean_line(x) for x in sources])]
+        tgt_ids = [t[:self.max_src_tokens] for t in self.tokenizer.encode([clean_line(y) for y in targets])]
+        return score_ids(self.model, src_ids, tgt_ids, batch_tokens=self.cfg.decode.batch_tokens,
+                         device=self.device)
+
+    def perplexity(self, sources: list[str], targets: list[str]) -> dict:
+        """Per-token and per-sentence perplexity of the targets given the sources (see mt.scoring)."""
+        return perplexities(self.score_pairs(sources, targets))
 
     def search(self, sentences: list[str], *, beam_size: int | None = None,
                length_penalty: float | None = None, max_len_a: float | None = None,

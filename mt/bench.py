@@ -1,0 +1,129 @@
+"""`mt bench`: throughput and memory of the hot paths, measured the way users run them.
+
+Training: the real update (`mt.train.update`) on the recipe's model and batches; warm-up steps are
+excluded, the median over repeats is reported, achieved FLOP/s (6 x parameters x target tokens/s) is
+set against this machine's measured matmul FLOP/s. Decoding: `Translator.search` over a file, as
+`mt translate` runs it. Peak RSS (and peak GPU memory on a GPU) for each. A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mt import data as data_mod
+from mt.config import Config
+from mt.tokenizer import PAD, Tokenizer, train_tokenizer
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_gpu_mb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def matmul_flops(device: torch.device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """Measured FLOP/s of an n x n x n matmul: the machine's practical ceiling."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 2):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(10 if device.type == "cuda" else 1):
+            a @ b
+        sync(device)
+        if i >= 2:
+            times.append((time.perf_counter() - t) / (10 if device.type == "cuda" else 1))
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3) -> dict:
+    """Time `steps` updates after `warmup`, `repeats` times; report the median window."""
+    from accelerate import Accelerator
+
+    from mt.model import Transformer
+    from mt.train import lr_at, update
+
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    accelerator = Accelerator(mixed_precision=cfg.train.precision)
+    src, tgt = data_mod.read_split(cfg.data, "train")
+    spm = Path(cfg.train.out_dir) / "spm.model"
+    if not spm.is_file():
+        spm = Path(tempfile.mkdtemp()) / "spm.model"
+        train_tokenizer(iter(src + tgt), spm, vocab_size=cfg.data.vocab_size, model_type=cfg.data.spm_model_type)
+    tok = Tokenizer(spm)
+    need = (warmup + steps * repeats) * cfg.train.accum_steps
+    data = data_mod.encode_parallel(tok, src, tgt, max_len=cfg.data.max_len, max_ratio=cfg.data.max_len_ratio)
+    batches = data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), cfg.train.batch_tokens,
+                                     seed=cfg.train.seed, epoch=0)
+    batches = (batches * (need // len(batches) + 1))[:need]
+    model = Transformer(cfg.model, len(tok))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    params = accelerator.unwrap_model(model).num_parameters()
+    it = iter(batches)
+
+    def run(n):
+        tgt_tok = src_tok = 0
+        sync(accelerator.device)
+        t = time.perf_counter()
+        for i in range(n):
+            micro = [data_mod.collate(data, next(it)) for _ in range(cfg.train.accum_steps)]
+            tgt_tok += sum(int((m["tgt_out"] != PAD).sum()) for m in micro)
+            src_tok += sum(int((m["src"] != PAD).sum()) for m in micro)
+            update(model, optimizer, accelerator, micro, lr=lr_at(i + 1, cfg.train),
+                   label_smoothing=cfg.train.label_smoothing, clip_norm=cfg.train.clip_norm)
+        sync(accelerator.device)
+        return time.perf_counter() - t, tgt_tok, src_tok
+
+    run(warmup)
+    windows = [run(steps) for _ in range(repeats)]
+    dt, tgt_tok, src_tok = sorted(windows, key=lambda w: w[1] / w[0])[len(windows) // 2]
+    ceiling = matmul_flops(accelerator.device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
+    achieved = 6 * params * tgt_tok / dt
+    return {"device": str(accelerator.device), "threads": torch.get_num_threads(), "parameters": params,
+            "steps": steps, "repeats": repeats, "tgt_tokens_per_step": tgt_tok / steps,
+            "tgt_tokens_per_s": tgt_tok / dt, "src_tgt_tokens_per_s": (tgt_tok + src_tok) / dt,
+            "steps_per_s": steps / dt, "achieved_flops": achieved, "matmul_flops": ceiling,
+            "utilisation": achieved / ceiling, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
+
+
+def bench_translate(translator, sources: list[str], *, beam_size: int, repeats: int = 3, **options) -> dict:
+    """Decode `sources` `repeats` times after one warm-up batch; report the median run."""
+    translator.search(sources[:32], beam_size=beam_size, **options)
+    runs = []
+    for _ in range(repeats):
+        sync(translator.device)
+        t = time.perf_counter()
+        hyps = translator.search(sources, beam_size=beam_size, **options)
+        sync(translator.device)
+        runs.append((time.perf_counter() - t, sum(len(h[0].tokens) + 1 for h in hyps if h)))
+    dt, gen = sorted(runs)[len(runs) // 2]
+    return {"device": str(translator.device), "threads": torch.get_num_threads(), "sentences": len(sources),
+            "beam_size": beam_size, "seconds": dt, "sentences_per_s": len(sources) / dt,
+            "generated_tokens_per_s": gen / dt, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
+
+
+def print_table(title: str, result: dict) -> None:
+    print(title)
+    for k, v in result.items():
+        if isinstance(v, float):
+            v = f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        print(f"  {k:24s} {v}")
+    sys.stdout.flush()

@@ -1,0 +1,62 @@
+"""Point estimation: log P(y | x) of given pairs by teacher forcing, and perplexities from it.
+
+log P(y | x) = sum over target tokens, EOS included, of log P(y_i | y_<i, x), under exactly the
+distribution decoding uses (model.log_probs), so a score equals the sum of the per-step log-probs
+search saw when it produced the same sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mt import data as data_mod
+from mt.data import ParallelData, TokenArray
+
+
+@dataclass
+class PairScore:
+    logprob: float   # log P(y | x), natural log, summed over target tokens including EOS
+    tokens: int      # target tokens scored (EOS included)
+
+    @property
+    def nll_per_token(self) -> float:
+        return -self.logprob / self.tokens
+
+
+@torch.inference_mode()
+def score_ids(model, src_ids: list[list[int]], tgt_ids: list[list[int]], *, batch_tokens: int,
+              device) -> list[PairScore]:
+    """Score id sequences (without BOS/EOS) in length-sorted token batches; results in input order."""
+    data = ParallelData(TokenArray.from_lists(src_ids), TokenArray.from_lists(tgt_ids))
+    out: list[PairScore | None] = [None] * len(src_ids)
+    for idx in data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens,
+                                      seed=0, epoch=0, shuffle=False):
+        b = {k: v.to(device) for k, v in data_mod.collate(data, idx).items()}
+        mask = b["tgt_out"] != 0
+        lprobs = model.normalize(model(b["src"], b["tgt_in"], b["tgt_out"]))   # (N, V)
+        tok_lp = torch.zeros(mask.shape, dtype=torch.float64, device=device)  # (B, T)
+        tok_lp[mask] = lprobs.gather(1, b["tgt_out"][mask][:, None]).squeeze(1).double()
+        for row, i in enumerate(idx.tolist()):
+            out[i] = PairScore(float(tok_lp[row].sum()), int(mask[row].sum()))
+    return out
+
+
+def perplexities(scores: list[PairScore]) -> dict:
+    """Per-token exp(total NLL / tokens), and per-sentence: the geometric mean over M sentences of
+    Q(x^m)^(-1/M) = exp(-(1/M) sum_m log Q(x^m))."""
+    total_lp = sum(s.logprob for s in scores)
+    total_tok = sum(s.tokens for s in scores)
+    M = max(len(scores), 1)
+    return {"sentences": len(scores), "tokens": total_tok, "logprob": total_lp,
+            "nll_per_token": -total_lp / max(total_tok, 1),
+            "ppl_per_token": math.exp(-total_lp / max(total_tok, 1)),
+            "ppl_per_sentence": _safe_exp(-total_lp / M)}
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 709 else float("inf")
+
+
+__all__ = ["PairScore", "score_ids", "perplexities"]
