@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import torch
 
 from mt import data as data_mod
 from mt.config import Config
-from mt.tokenizer import PAD, Tokenizer, train_tokenizer
+from mt.tokenizer import PAD
 
 
 def peak_rss_mb() -> float:
@@ -55,23 +56,20 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3) -
     """Time `steps` updates after `warmup`, `repeats` times; report the median window."""
     from accelerate import Accelerator
 
-    from mt.model import Transformer
-    from mt.train import lr_at, update
+    from mt.model import build_model
+    from mt.train import load_data, lr_at, update
 
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     accelerator = Accelerator(mixed_precision=cfg.train.precision)
-    src, tgt = data_mod.read_split(cfg.data, "train")
-    spm = Path(cfg.train.out_dir) / "spm.model"
-    if not spm.is_file():
-        spm = Path(tempfile.mkdtemp()) / "spm.model"
-        train_tokenizer(iter(src + tgt), spm, vocab_size=cfg.data.vocab_size, model_type=cfg.data.spm_model_type)
-    tok = Tokenizer(spm)
+    run = Path(tempfile.mkdtemp(prefix="mt-bench-"))  # reuse the recipe run's tokenizer if there is one
+    if (Path(cfg.train.out_dir) / "spm.model").is_file():
+        shutil.copy(Path(cfg.train.out_dir) / "spm.model", run / "spm.model")
+    tok, data, _ = load_data(cfg, run, accelerator)
     need = (warmup + steps * repeats) * cfg.train.accum_steps
-    data = data_mod.encode_parallel(tok, src, tgt, max_len=cfg.data.max_len, max_ratio=cfg.data.max_len_ratio)
     batches = data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), cfg.train.batch_tokens,
                                      seed=cfg.train.seed, epoch=0)
     batches = (batches * (need // len(batches) + 1))[:need]
-    model = Transformer(cfg.model, len(tok))
+    model = build_model(cfg.model, len(tok))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   fused=accelerator.device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)

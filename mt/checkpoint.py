@@ -76,7 +76,7 @@ def read_meta(run: Path) -> dict:
 
 def load_run(run: str | Path, *, weights: str = "model"):
     """Build the model of a run directory: returns (config, model in eval mode, tokenizer)."""
-    from mt.model import Transformer
+    from mt.model import build_model
     from mt.tokenizer import Tokenizer
 
     run = Path(run)
@@ -87,7 +87,7 @@ def load_run(run: str | Path, *, weights: str = "model"):
     tok = Tokenizer(run / "spm.model")
     if len(tok) != meta.get("vocab_size"):
         raise MTError(f"{run}: tokenizer has {len(tok)} pieces but the weights expect {meta.get('vocab_size')}")
-    model = Transformer(cfg.model, len(tok))
+    model = build_model(cfg.model, len(tok))
     load_weights(model, run / f"{weights}.safetensors")
     model.eval()
     return cfg, model, tok

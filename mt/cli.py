@@ -99,6 +99,11 @@ def search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b) -> di
                 max_len_a=max_len_a, max_len_b=max_len_b)
 
 
+def one_line(text: str) -> str:
+    """Output text with no character that a reader could take for a line break."""
+    return " ".join(text.splitlines()) if text else text
+
+
 def stdin_lines():
     """Lines of stdin as text, read lazily; invalid UTF-8 becomes U+FFFD."""
     for raw in sys.stdin.buffer:
@@ -142,7 +147,7 @@ def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batc
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kwargs)
     out = sys.stdout
     for i, hyps in enumerate(stream):
-        texts = [h.replace("\n", " ") for h in t.tokenizer.decode([h.tokens for h in hyps])]
+        texts = [one_line(h) for h in t.tokenizer.decode([h.tokens for h in hyps])]
         if nbest:
             index = i // n if sample else i
             if not hyps:  # empty input: one empty hypothesis keeps the index sequence complete
@@ -161,17 +166,21 @@ def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batc
 @click.option("-m", "--model", "run", required=True, type=click.Path(), help="Run directory.")
 @click.option("--src", type=click.Path(), default=None, help="Sources, one per line.")
 @click.option("--tgt", type=click.Path(), default=None, help="Targets, one per line (else TSV pairs on stdin).")
+@click.option("--text", type=click.Path(), default=None, help="Language models: texts to score, one per line.")
 @click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model")
 @click.option("--device", default=None)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout, JSON summary on stderr.")
-def score(run, src, tgt, weights, device, as_json):
-    """log P(y|x) per pair: 'log P<TAB>target tokens<TAB>NLL per token'; corpus summary on stderr."""
+def score(run, src, tgt, text, weights, device, as_json):
+    """log P(y|x) (or log P(x) with --text) per line: 'log P<TAB>tokens<TAB>NLL per token'; summary on stderr."""
     from mt.scoring import perplexities
 
     t = load_translator(run, weights, device, None)
-    if (src is None) != (tgt is None):
+    if text is not None:
+        targets = read_text(text)
+        sources = [""] * len(targets)
+    elif (src is None) != (tgt is None):
         raise MTError("give both --src and --tgt, or neither (tab-separated pairs on stdin)")
-    if src is not None:
+    elif src is not None:
         sources, targets = read_text(src), read_text(tgt)
         if len(sources) != len(targets):
             raise MTError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
@@ -208,7 +217,8 @@ def read_text(path: str) -> list[str]:
 @click.option("--chrf", is_flag=True, help="sacreBLEU chrF.")
 @click.option("--ppl", is_flag=True, help="Per-token and per-sentence perplexity of --ref given --src (needs -m).")
 @click.option("--hyp", type=click.Path(), default=None, help="Hypotheses, one per line.")
-@click.option("--ref", type=click.Path(), required=True, help="References, one per line.")
+@click.option("--ref", type=click.Path(), default=None, help="References, one per line.")
+@click.option("--text", type=click.Path(), default=None, help="Language models: text for --ppl.")
 @click.option("--src", type=click.Path(), default=None, help="Source to translate with -m first.")
 @click.option("-m", "--model", "run", type=click.Path(), default=None, help="Run directory (with --src).")
 @click.option("--beam", "beam_size", type=click.IntRange(min=1), default=None)
@@ -220,13 +230,22 @@ def read_text(path: str) -> list[str]:
 @click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model")
 @click.option("--device", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(bleu, chrf, ppl, hyp, ref, src, run, beam_size, greedy, length_penalty, max_len_a, max_len_b,
+def evaluate(bleu, chrf, ppl, hyp, ref, text, src, run, beam_size, greedy, length_penalty, max_len_a, max_len_b,
              batch_tokens, weights, device, as_json):
     """Score hypotheses (--hyp) or a model's translations of --src against --ref."""
     from mt.metrics import corpus_scores
 
+    if text is not None:  # language model perplexity: log P(x) of each line
+        if run is None:
+            raise MTError("--text needs -m RUN")
+        texts = read_text(text)
+        result = load_translator(run, weights, device, batch_tokens).perplexity([""] * len(texts), texts)
+        click.echo(json.dumps({"ppl": result}) if as_json else format_ppl(result))
+        return
     if hyp is None and run is None:
         raise MTError("give --hyp FILE, or -m RUN with --src FILE")
+    if ref is None:
+        raise MTError("--ref FILE is required (or --text FILE for a language model)")
     refs = read_text(ref)
     want_bleu = bleu or (not chrf and not ppl)
     results: dict = {}
@@ -255,10 +274,38 @@ def evaluate(bleu, chrf, ppl, hyp, ref, src, run, beam_size, greedy, length_pena
         return
     for name, v in results.items():
         if name == "ppl":
-            click.echo(f"perplexity per token {v['ppl_per_token']:.3f} (NLL {v['nll_per_token']:.4f} over "
-                       f"{v['tokens']} tokens), per sentence {v['ppl_per_sentence']:.3f} ({v['sentences']} sentences)")
+            click.echo(format_ppl(v))
         else:
             click.echo(f"{v['text']}\n  signature: {v['signature']}")
+
+
+def format_ppl(v: dict) -> str:
+    return (f"perplexity per token {v['ppl_per_token']:.3f} (NLL {v['nll_per_token']:.4f} over {v['tokens']} "
+            f"tokens), per sentence {v['ppl_per_sentence']:.4g} ({v['sentences']} sentences)")
+
+
+# --- sample -----------------------------------------------------------------------------------
+@main.command("sample")
+@click.option("-m", "--model", "run", required=True, type=click.Path(), help="Run directory.")
+@click.option("-n", "num", type=click.IntRange(min=1), default=10, show_default=True, help="Samples per prompt.")
+@click.option("--prompt", default="", help="Text to continue (a source sentence for a translation model); "
+                                           "'-' reads one prompt per line from stdin.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample among the k best (0: all).")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, help="Nucleus mass (1: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-len", type=click.IntRange(min=1), default=None, help="Most tokens generated.")
+@click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model")
+@click.option("--device", default=None)
+def sample_cmd(run, num, prompt, temperature, top_k, top_p, seed, max_len, weights, device):
+    """Draw samples, one per line (prompt + continuation for a language model)."""
+    t = load_translator(run, weights, device, None)
+    prompts = list(stdin_lines()) if prompt == "-" else [prompt]
+    lengths = dict(max_len_a=0.0, max_len_b=max_len) if max_len else {}
+    draws = t.sample(prompts, n=num, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **lengths)
+    for samples in draws:
+        for s in samples:
+            click.echo(one_line(s))
 
 
 # --- bench ------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ import yaml
 from mt.errors import MTError
 
 
+ARCHS = ("transformer", "prefix_lm", "decoder_only", "linear")
+LM_ARCHS = ("decoder_only", "linear")   # model P(x) of monolingual text; the others model P(y | x)
+
+
 @dataclass
 class DataConfig:
     src_lang: str = "en"                # source language code: suffix of local files / key in HF rows
@@ -27,6 +31,9 @@ class DataConfig:
     hf_train_split: str = "train"       # split used for training
     hf_valid_split: str = "validation"  # split used for validation
     hf_field: str = "translation"       # column holding {lang: text} dicts
+    hf_text_field: str = "text"         # language models: column holding plain text
+    pack: bool = False                  # language models: pack the text stream into fixed windows
+    context: int = 256                  # window length (tokens) when data.pack is on
     max_sentences: int = 0              # keep only the first N training pairs (0: all)
     max_valid_sentences: int = 0        # keep only the first N validation pairs (0: all)
     max_len: int = 250                  # drop training pairs with more tokens than this on either side
@@ -39,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "transformer"           # "transformer": encoder-decoder
+    arch: str = "transformer"           # transformer (encoder-decoder), prefix_lm, decoder_only, linear
     enc_layers: int = 3                 # encoder layers
     dec_layers: int = 3                 # decoder layers
     d_model: int = 256                  # width of every residual stream
@@ -185,8 +192,10 @@ def load(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -
 def validate(cfg: Config, source: str = "config") -> None:
     """Check values that have a valid range or set of choices."""
     m, t, d = cfg.model, cfg.train, cfg.data
-    if m.arch not in ("transformer",):
-        raise MTError(f"{source}: model.arch must be 'transformer', got {m.arch!r}")
+    if m.arch not in ARCHS:
+        raise MTError(f"{source}: model.arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
+    if d.pack and m.arch not in LM_ARCHS:
+        raise MTError(f"{source}: data.pack applies to language models (model.arch decoder_only or linear)")
     if m.d_model % m.heads:
         raise MTError(f"{source}: model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
     if d.spm_model_type not in ("bpe", "unigram"):

@@ -89,6 +89,31 @@ def read_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
     return read_parallel(prefix, cfg.src_lang, cfg.tgt_lang, limit)
 
 
+def read_text_split(cfg: DataConfig, split: str) -> list[str]:
+    """Monolingual text for language models: PREFIX.SRC_LANG[.gz] (or the file PREFIX itself), or the
+    `hf_text_field` column of a `datasets` split."""
+    limit = cfg.max_sentences if split == "train" else cfg.max_valid_sentences
+    if cfg.hf_dataset:
+        import datasets
+
+        name = cfg.hf_train_split if split == "train" else cfg.hf_valid_split
+        try:
+            ds = (datasets.load_from_disk(cfg.hf_dataset)[name] if Path(cfg.hf_dataset).is_dir()
+                  else datasets.load_dataset(cfg.hf_dataset, cfg.hf_config or None, split=name))
+        except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
+            raise MTError(f"dataset {cfg.hf_dataset!r} split {name!r}: {str(e).splitlines()[0]}") from None
+        if cfg.hf_text_field not in ds.column_names:
+            raise MTError(f"dataset {cfg.hf_dataset!r}: no column {cfg.hf_text_field!r} (has {ds.column_names})")
+        texts = ds[cfg.hf_text_field]
+        return texts[:limit] if limit else texts
+    prefix = cfg.train if split == "train" else cfg.valid
+    if not prefix:
+        raise MTError(f"data.{split} is not set (a file prefix, or set data.hf_dataset)")
+    path = Path(prefix) if Path(prefix).is_file() else corpus_file(prefix, cfg.src_lang)
+    texts = list(read_lines(path))
+    return texts[:limit] if limit else texts
+
+
 class TokenArray:
     """Variable-length int sequences in one flat int32 array plus int64 offsets."""
 
@@ -120,6 +145,34 @@ class TokenArray:
 class ParallelData:
     src: TokenArray
     tgt: TokenArray
+    packed: bool = False  # tgt holds fixed windows of a token stream (no BOS/EOS added per row)
+
+
+def encode_mono(tok: Tokenizer, texts: list[str], *, max_len: int = 0, chunk: int = 100_000) -> ParallelData:
+    """Language-model data: empty sources, one target sentence per non-empty text line."""
+    arrays = []
+    for start in range(0, len(texts), chunk):
+        ids = [t for t in tok.encode(texts[start:start + chunk]) if t and (not max_len or len(t) <= max_len)]
+        arrays.append(TokenArray.from_lists(ids))
+    tgt = _concat(arrays)
+    return ParallelData(TokenArray(np.zeros(0, np.int32), np.zeros(len(tgt) + 1, np.int64)), tgt)
+
+
+def pack(data: ParallelData, context: int) -> ParallelData:
+    """One stream `s1 EOS s2 EOS ...` cut into windows of context + 1 tokens overlapping by one:
+    each window trains context next-token predictions (document-level language modelling)."""
+    lens = data.tgt.lengths()
+    stream = np.empty(len(data.tgt.flat) + len(lens), dtype=np.int32)
+    ends = np.cumsum(lens + 1) - 1
+    mask = np.ones(len(stream), dtype=bool)
+    mask[ends] = False
+    stream[mask], stream[ends] = data.tgt.flat, EOS
+    starts = np.arange(0, max(len(stream) - 1, 0), context)
+    offsets = np.append(starts, len(stream) - 1)
+    flat = np.concatenate([stream[a:b + 1] for a, b in zip(offsets[:-1], offsets[1:])]) if len(starts) else stream[:0]
+    win_off = np.concatenate([[0], np.cumsum(np.diff(offsets) + 1)]).astype(np.int64)
+    src = TokenArray(np.zeros(0, np.int32), np.zeros(len(starts) + 1, np.int64))
+    return ParallelData(src, TokenArray(flat, win_off), packed=True)
 
 
 def encode_parallel(tok: Tokenizer, src: list[str], tgt: list[str], *, max_len: int = 0,
@@ -176,16 +229,22 @@ def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int,
 
 
 def collate(data: ParallelData, idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """src = x EOS; tgt_in = BOS y; tgt_out = y EOS; right-padded with PAD. Shapes (B, S), (B, T)."""
+    """src = x EOS; tgt_in = BOS y; tgt_out = y EOS; right-padded with PAD. Shapes (B, S), (B, T).
+
+    Packed windows w give tgt_in = w[:-1], tgt_out = w[1:] and an empty source (B, 0).
+    """
     srcs = [data.src[i] for i in idx]
     tgts = [data.tgt[i] for i in idx]
     B = len(idx)
-    S = max(len(x) for x in srcs) + 1
-    T = max(len(y) for y in tgts) + 1
+    S = 0 if data.packed else max(len(x) for x in srcs) + 1
+    T = max(len(y) for y in tgts) - (1 if data.packed else -1)
     src = np.full((B, S), PAD, dtype=np.int64)
     tgt_in = np.full((B, T), PAD, dtype=np.int64)
     tgt_out = np.full((B, T), PAD, dtype=np.int64)
     for b, (x, y) in enumerate(zip(srcs, tgts)):
+        if data.packed:
+            tgt_in[b, :len(y) - 1], tgt_out[b, :len(y) - 1] = y[:-1], y[1:]
+            continue
         src[b, :len(x)] = x
         src[b, len(x)] = EOS
         tgt_in[b, 0] = BOS

@@ -28,6 +28,14 @@ def sinusoids(n: int, d: int) -> torch.Tensor:
     return table
 
 
+def normalize_logits(logits):
+    """logits (..., V) -> log P(next token) in float32; PAD and BOS are never outputs."""
+    logits = logits.float().clone()
+    logits[..., PAD] = float("-inf")
+    logits[..., BOS] = float("-inf")
+    return F.log_softmax(logits, dim=-1)
+
+
 class KVCache:
     """Decoder state for incremental decoding.
 
@@ -42,6 +50,7 @@ class KVCache:
         self.memory_k, self.memory_v, self.memory_mask = memory_k, memory_v, memory_mask
         self.group = group
         self.length = 0
+        self.key_mask = None  # (B, 1, 1, Tmax) False at padded prefix positions (decoder-only models)
 
     def reorder(self, index: torch.Tensor, memory_index: torch.Tensor | None = None) -> None:
         """Keep decoder rows `index` (copying only the filled part of the cache); `memory_index`
@@ -57,6 +66,21 @@ class KVCache:
                 for i, buf in enumerate(store):
                     store[i] = buf.index_select(0, memory_index)
             self.memory_mask = self.memory_mask.index_select(0, memory_index)
+
+
+def cached_mask(cache: KVCache, start: int, T: int, device):
+    """Attention mask for T new positions after `start` cached ones: causal, minus padded prefix
+    keys (cache.key_mask, decoder-only prefixes); each position always sees itself, so a padded
+    query never meets an all-masked row (which would give NaN)."""
+    key_mask = cache.key_mask[:, :, :, :start + T] if cache.key_mask is not None else None
+    if T == 1:
+        return key_mask
+    causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
+    if key_mask is None:
+        return causal
+    diag = torch.zeros(T, start + T, dtype=torch.bool, device=device)
+    diag[:, start:] = torch.eye(T, dtype=torch.bool, device=device)
+    return (causal & key_mask) | diag
 
 
 class SelfAttention(nn.Module):
@@ -75,8 +99,7 @@ class SelfAttention(nn.Module):
             cache.self_v[layer][:, :, start:start + T] = v
             k = cache.self_k[layer][:, :, :start + T]
             v = cache.self_v[layer][:, :, :start + T]
-            if T > 1:  # several new positions at once: causal mask offset by the cached prefix
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            mask = cached_mask(cache, start, T, x.device)
             causal = False
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
@@ -218,13 +241,7 @@ class Transformer(nn.Module):
             return self.output(hidden)
         return F.linear(hidden, self.tgt_embed.weight)
 
-    @staticmethod
-    def normalize(logits):
-        """logits (..., V) -> log P(next token) in float32; PAD and BOS are never outputs."""
-        logits = logits.float().clone()
-        logits[..., PAD] = float("-inf")
-        logits[..., BOS] = float("-inf")
-        return F.log_softmax(logits, dim=-1)
+    normalize = staticmethod(lambda logits: normalize_logits(logits))
 
     def log_probs(self, hidden):
         """(..., D) -> log P(next token) (..., V), the distribution decoding and scoring both use."""
@@ -259,3 +276,14 @@ class Transformer(nn.Module):
         kv = list(zip(cache.memory_k, cache.memory_v))
         hidden = self.decode(tokens, kv, cache.memory_mask, cache)[:, -1]
         return self.log_probs(hidden)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The model `cfg.arch` names: encoder-decoder, decoder-only / prefix LM, or the linear baseline."""
+    if cfg.arch == "transformer":
+        return Transformer(cfg, vocab_size)
+    from mt.lm import DecoderLM, LinearLM
+
+    if cfg.arch == "linear":
+        return LinearLM(cfg, vocab_size)
+    return DecoderLM(cfg, vocab_size)

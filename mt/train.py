@@ -26,11 +26,11 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from mt import checkpoint, data as data_mod
-from mt.config import Config
+from mt.config import LM_ARCHS, Config
 from mt.errors import MTError
 from mt.metrics import corpus_scores, perplexity
 from mt.loss import smoothed_cross_entropy
-from mt.model import Transformer
+from mt.model import build_model
 from mt.tokenizer import PAD, Tokenizer, train_tokenizer
 from mt.translate import Translator
 
@@ -93,9 +93,18 @@ def prepare_run(cfg: Config, accelerator: Accelerator, resume: bool) -> Path:
 
 
 def load_data(cfg: Config, run: Path, accelerator: Accelerator):
-    """Tokenizer (trained on the training corpus if the run has none) and encoded train/valid data."""
-    src, tgt = data_mod.read_split(cfg.data, "train")
-    if not src:
+    """Tokenizer (trained on the training corpus if the run has none) and encoded train/valid data.
+
+    valid is (source texts, reference texts, encoded pairs) or None; language models have empty
+    sources and their text as targets.
+    """
+    lm = cfg.model.arch in LM_ARCHS
+    if lm:
+        tgt = data_mod.read_text_split(cfg.data, "train")
+        src = []
+    else:
+        src, tgt = data_mod.read_split(cfg.data, "train")
+    if not tgt:
         raise MTError("the training corpus is empty")
     spm_path = run / "spm.model"
     if accelerator.is_main_process and not spm_path.is_file():
@@ -106,13 +115,24 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
                         max_sentences=cfg.data.spm_max_sentences)
     accelerator.wait_for_everyone()
     tok = Tokenizer(spm_path)
-    train = data_mod.encode_parallel(tok, src, tgt, max_len=cfg.data.max_len, max_ratio=cfg.data.max_len_ratio)
-    if len(train.src) == 0:
-        raise MTError("no training pairs left after length filtering (data.max_len, data.max_len_ratio)")
+
+    def encode(src_text, tgt_text, **limits):
+        if lm:
+            d = data_mod.encode_mono(tok, tgt_text, max_len=limits.get("max_len", 0))
+            return data_mod.pack(d, cfg.data.context) if cfg.data.pack else d
+        return data_mod.encode_parallel(tok, src_text, tgt_text, **limits)
+
+    train = encode(src, tgt, max_len=cfg.data.max_len, max_ratio=cfg.data.max_len_ratio)
+    if len(train.tgt) == 0:
+        raise MTError("no training examples left after length filtering (data.max_len, data.max_len_ratio)")
     valid = None
     if cfg.data.valid or cfg.data.hf_dataset:
-        v_src, v_tgt = data_mod.read_split(cfg.data, "valid")
-        valid = (v_src, v_tgt, data_mod.encode_parallel(tok, v_src, v_tgt))
+        if lm:
+            v_tgt = data_mod.read_text_split(cfg.data, "valid")
+            v_src = [""] * len(v_tgt)
+        else:
+            v_src, v_tgt = data_mod.read_split(cfg.data, "valid")
+        valid = (v_src, v_tgt, encode(v_src, v_tgt))
     return tok, train, valid
 
 
@@ -144,10 +164,12 @@ def validate(model, translator: Translator, valid, cfg: Config) -> dict:
         target = b["tgt_out"][b["tgt_out"] != PAD]
         nll_sum += float(F.cross_entropy(logits.float(), target, reduction="sum"))
         ntok += len(target)
-    hyps = translator.translate(src_text, beam_size=1)
-    bleu = corpus_scores(hyps, ref_text)["bleu"]["score"]
+    scores = {"valid_loss": nll_sum / ntok, "valid_ppl": perplexity(nll_sum, ntok)}
+    if cfg.model.arch not in LM_ARCHS:
+        hyps = translator.translate(src_text, beam_size=1)
+        scores["valid_bleu"] = corpus_scores(hyps, ref_text)["bleu"]["score"]
     model.train()
-    return {"valid_loss": nll_sum / ntok, "valid_ppl": perplexity(nll_sum, ntok), "valid_bleu": bleu}
+    return scores
 
 
 def train(cfg: Config, *, resume: bool = False) -> Path:
@@ -158,7 +180,7 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     run = prepare_run(cfg, accelerator, resume)
     set_seed(tc.seed)
     tok, train_data, valid = load_data(cfg, run, accelerator)
-    model = Transformer(cfg.model, len(tok))
+    model = build_model(cfg.model, len(tok))
     opt_kwargs = {"fused": True} if accelerator.device.type in ("cpu", "cuda") else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                   weight_decay=tc.weight_decay, **opt_kwargs)
@@ -211,14 +233,15 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
             accelerator.wait_for_everyone()
             return
         scores = validate(raw_model, translator, valid, cfg)
-        metric = scores["valid_bleu"] if tc.best_metric == "bleu" else -scores["valid_loss"]
+        metric = scores["valid_bleu"] if "valid_bleu" in scores and tc.best_metric == "bleu" else -scores["valid_loss"]
         if progress.best is None or metric > progress.best:
             progress.best = metric
             checkpoint.save_weights(raw_model, run / "model.safetensors")
             checkpoint.save_config(cfg, run, vocab_size=len(tok), step=progress.step, **scores)
         log({"step": progress.step, **scores})
         accelerator.print(f"mt: step {progress.step} valid loss {scores['valid_loss']:.3f} "
-                          f"ppl {scores['valid_ppl']:.2f} greedy BLEU {scores['valid_bleu']:.2f}", file=sys.stderr)
+                          f"ppl {scores['valid_ppl']:.2f}" + (f" greedy BLEU {scores['valid_bleu']:.2f}"
+                                                              if "valid_bleu" in scores else ""), file=sys.stderr)
         accelerator.wait_for_everyone()
 
     def out_of_budget() -> bool:

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from mt.checkpoint import load_run
-from mt.config import Config
+from mt.config import LM_ARCHS, Config
 from mt.scoring import PairScore, perplexities, score_ids
 from mt.search import Hypothesis, beam_search, generate
 from mt.tokenizer import EOS, PAD, Tokenizer
@@ -37,7 +37,9 @@ class Translator:
         self.model, self.tokenizer, self.cfg = model.to(device).eval(), tokenizer, cfg
         self.device = torch.device(device)
         # leave room for EOS; longer inputs are truncated (with a warning)
-        self.max_src_tokens = cfg.model.max_positions - 1
+        self.lm = cfg.model.arch in LM_ARCHS  # inputs are prompts to continue, not sentences to translate
+        # leave room for EOS and the output (prefix LMs read source and target as one sequence)
+        self.max_src_tokens = cfg.model.max_positions // (2 if cfg.model.arch == "prefix_lm" else 1) - 1
         self.warn = lambda msg: print(f"mt: warning: {msg}", file=sys.stderr)
 
     @classmethod
@@ -76,7 +78,9 @@ class Translator:
         rep = [s for s in sentences for _ in range(n)]
         hyps = self.search(rep, sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, max_len_a=max_len_a, max_len_b=max_len_b)
-        texts = [self.tokenizer.decode([h[0].tokens])[0] if h else "" for h in hyps]
+        # a language model's sample is the prompt and its continuation, decoded together
+        prompts = self.tokenizer.encode([clean_line(s) for s in rep]) if self.lm else [[] for _ in rep]
+        texts = self.tokenizer.decode([p + h[0].tokens if h else p for p, h in zip(prompts, hyps)])
         return [texts[i * n:(i + 1) * n] for i in range(len(sentences))]
 
     def score(self, sources: list[str], targets: list[str]) -> list[float]:
@@ -91,6 +95,10 @@ class Translator:
         tgt_ids = [t[:self.max_src_tokens] for t in self.tokenizer.encode([clean_line(y) for y in targets])]
         return score_ids(self.model, src_ids, tgt_ids, batch_tokens=self.cfg.decode.batch_tokens,
                          device=self.device)
+
+    def score_texts(self, texts: list[str]) -> list[PairScore]:
+        """Language models: log P(x) of each text (BOS x EOS; EOS included in the score)."""
+        return self.score_pairs([""] * len(texts), texts)
 
     def perplexity(self, sources: list[str], targets: list[str]) -> dict:
         """Per-token and per-sentence perplexity of the targets given the sources (see mt.scoring)."""
@@ -111,7 +119,7 @@ class Translator:
         texts = [clean_line(s) for s in sentences]
         ids = list(range(len(texts))) if ids is None else list(ids)
         out: list[list[Hypothesis]] = [[] for _ in texts]
-        todo = [i for i, s in enumerate(texts) if s.strip()]
+        todo = [i for i, s in enumerate(texts) if s.strip() or self.lm]  # an LM continues an empty prompt
         encoded = self.tokenizer.encode([texts[i] for i in todo])
         src_ids = {}
         for i, ids_ in zip(todo, encoded):
@@ -124,7 +132,8 @@ class Translator:
             src = self._pad([src_ids[i] for i in batch])
             lens = torch.tensor([len(src_ids[i]) for i in batch])
             max_lens = (dc.max_len_a * lens + dc.max_len_b).long()
-            max_lens = max_lens.clamp(max=self.cfg.model.max_positions - 1)
+            room = self.cfg.model.max_positions - 2 - (lens + 1 if self.cfg.model.arch != "transformer" else 0)
+            max_lens = torch.minimum(max_lens, room)  # positions a decoder-only model has left
             if sample or dc.beam_size == 1:
                 res = generate(self.model, src, max_lens, sample=sample, ids=[ids[i] for i in batch],
                                seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -155,10 +164,12 @@ class Translator:
             yield batch
 
     def _pad(self, seqs: list[list[int]]) -> torch.Tensor:
-        """x EOS, right-padded: (B, S)."""
-        S = max(len(s) for s in seqs) + 1
+        """x EOS (a prompt for an LM: x alone), right-padded: (B, S)."""
+        eos = 0 if self.lm else 1
+        S = max(len(s) for s in seqs) + eos
         src = torch.full((len(seqs), S), PAD, dtype=torch.long)
         for b, s in enumerate(seqs):
             src[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-            src[b, len(s)] = EOS
+            if eos:
+                src[b, len(s)] = EOS
         return src.to(self.device)
