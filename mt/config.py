@@ -77,6 +77,7 @@ class TrainConfig:
     valid_every: int = 500              # validate (loss, perplexity, greedy BLEU) every N updates
     save_every: int = 500               # write the resumable state every N updates
     log_every: int = 50                 # append metrics to metrics.jsonl every N updates
+    max_bad_steps: int = 5              # stop (state saved) after this many non-finite losses in a row
     best_metric: str = "bleu"           # "bleu" or "loss": which validation score picks the best weights
     precision: str = "no"               # "no" (fp32), "bf16" or "fp16": Accelerate mixed precision
     threads: int = 0                    # torch CPU threads (0: all cores)

@@ -34,7 +34,6 @@ from mt.model import build_model
 from mt.tokenizer import PAD, Tokenizer, train_tokenizer
 from mt.translate import Translator
 
-MAX_BAD_STEPS = 5  # non-finite losses in a row before training stops
 
 
 def lr_at(step: int, cfg) -> float:
@@ -191,8 +190,12 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         checkpoint.save_config(cfg, run, vocab_size=len(tok))
     if resume:
         state = run / "state" if (run / "state").is_dir() else run / "state.old"
-        accelerator.load_state(str(state))
-        progress.load(state / "progress.json")
+        try:
+            accelerator.load_state(str(state))
+            progress.load(state / "progress.json")
+        except Exception as e:  # truncated, corrupted or unsafe (pickled objects are refused) state
+            raise MTError(f"{state}: cannot resume from this state ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     translator = Translator(raw_model, tok, cfg, device=str(accelerator.device))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_update = tc.accum_steps * world
@@ -245,7 +248,7 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         accelerator.wait_for_everyone()
 
     def out_of_budget() -> bool:
-        elapsed = progress.elapsed + time.time() - session_start
+        elapsed = elapsed_base + time.time() - session_start
         return bool((tc.max_steps and progress.step >= tc.max_steps)
                     or (tc.max_epochs and progress.epoch >= tc.max_epochs)
                     or (tc.max_minutes and elapsed >= tc.max_minutes * 60) or stop_signal)
@@ -271,7 +274,7 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
             if not applied:  # non-finite loss: the update was skipped; stop after too many in a row
                 progress.bad_steps += 1
                 log({"step": progress.step, "skipped_nonfinite": progress.bad_steps})
-                if progress.bad_steps >= MAX_BAD_STEPS:
+                if progress.bad_steps >= tc.max_bad_steps:
                     stopped_by_faults = True
                     break
                 continue
@@ -299,12 +302,14 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
             progress.epoch, progress.batch = progress.epoch + 1, 0
     bar.close()
     progress.elapsed = elapsed_base + time.time() - session_start
-    if progress.step % tc.valid_every and not stopped_by_faults:
+    if progress.step % tc.valid_every and not stopped_by_faults and not stop_signal:
         run_validation()
     save_state()
     if stopped_by_faults:
-        raise MTError(f"training stopped: {MAX_BAD_STEPS} non-finite losses in a row at step {progress.step} "
+        raise MTError(f"training stopped: {tc.max_bad_steps} non-finite losses in a row at step {progress.step} "
                       f"(state saved in {run}/state)")
+    if stop_signal:
+        accelerator.print(f"mt: signal {stop_signal[0]} received: state saved, resume with --resume", file=sys.stderr)
     accelerator.print(f"mt: stopped at step {progress.step}, epoch {progress.epoch}, "
                       f"{progress.elapsed / 60:.1f} min; run directory {run}", file=sys.stderr)
     return run

@@ -132,8 +132,8 @@ class Translator:
             src = self._pad([src_ids[i] for i in batch])
             lens = torch.tensor([len(src_ids[i]) for i in batch])
             max_lens = (dc.max_len_a * lens + dc.max_len_b).long()
-            room = self.cfg.model.max_positions - 2 - (lens + 1 if self.cfg.model.arch != "transformer" else 0)
-            max_lens = torch.minimum(max_lens, room)  # positions a decoder-only model has left
+            used = lens + 1 if self.cfg.model.arch != "transformer" else torch.zeros_like(lens)
+            max_lens = torch.minimum(max_lens, self.cfg.model.max_positions - 2 - used)  # positions left
             if sample or dc.beam_size == 1:
                 res = generate(self.model, src, max_lens, sample=sample, ids=[ids[i] for i in batch],
                                seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
