@@ -79,16 +79,18 @@ def decode_options(f):
         click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model",
                      show_default=True, help="Best (model) or latest (last) weights."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        click.option("--quantize", type=click.Choice(["int8"]), default=None,
+                     help="Dynamic int8 linear layers (CPU)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def load_translator(run, weights, device, batch_tokens):
+def load_translator(run, weights, device, batch_tokens, quantize=None):
     from mt.translate import Translator
 
-    t = Translator.load(run, device=device, weights=weights)
+    t = Translator.load(run, device=device, weights=weights, quantize=quantize)
     if batch_tokens:
         t.cfg.decode.batch_tokens = batch_tokens
     return t
@@ -132,9 +134,9 @@ def sampling_options(f):
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Lines read ahead and sorted by length (default 1000; 1 when stdin is a terminal).")
 def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batch_tokens, weights,
-              device, sample, temperature, top_k, top_p, seed, nbest, scores, window):
+              device, quantize, sample, temperature, top_k, top_p, seed, nbest, scores, window):
     """Translate stdin to stdout, one output line per input line (N with --nbest), in order."""
-    t = load_translator(run, weights, device, batch_tokens)
+    t = load_translator(run, weights, device, batch_tokens, quantize)
     window = window or (1 if sys.stdin.isatty() else 1000)
     kwargs = search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b)
     n = nbest or 1
@@ -335,12 +337,13 @@ def bench_train(recipe, overrides, steps, repeats, as_json):
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=None)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--device", default=None)
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 linear layers (CPU).")
 @click.option("--json", "as_json", is_flag=True)
-def bench_translate(run, src, beam_size, batch_tokens, repeats, device, as_json):
+def bench_translate(run, src, beam_size, batch_tokens, repeats, device, quantize, as_json):
     """Decoding speed: sentences/s and generated tokens/s."""
     from mt import bench as b
 
-    t = load_translator(run, "model", device, batch_tokens)
+    t = load_translator(run, "model", device, batch_tokens, quantize)
     result = b.bench_translate(t, read_text(src), beam_size=beam_size, repeats=repeats)
     click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate (beam {beam_size})", result)
 

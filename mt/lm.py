@@ -78,6 +78,7 @@ class DecoderLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(LMLayer(cfg) for _ in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
+        self.output = None  # tied to the embedding; a separate (quantized) copy only for int8 inference
         for name, p in self.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 nn.init.xavier_uniform_(p)
@@ -93,7 +94,7 @@ class DecoderLM(nn.Module):
         return n - self.embed.weight.numel() if non_embedding else n
 
     def logits(self, hidden):
-        return F.linear(hidden, self.embed.weight)
+        return self.output(hidden) if self.output is not None else F.linear(hidden, self.embed.weight)
 
     def log_probs(self, hidden):
         return normalize_logits(self.logits(hidden))

@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import itertools
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+import torch.nn as nn
 
 from mt.checkpoint import load_run
 from mt.config import LM_ARCHS, Config
 from mt.scoring import PairScore, perplexities, score_ids
 from mt.search import Hypothesis, beam_search, generate
 from mt.tokenizer import EOS, PAD, Tokenizer
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every linear layer, the tied output projection included
+    (weights stored int8, activations quantized per batch): CPU inference only."""
+    if getattr(model, "output", None) is None:
+        emb = model.tgt_embed if hasattr(model, "tgt_embed") else model.embed
+        model.output = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False)
+        model.output.weight = nn.Parameter(emb.weight.detach().clone())
+    with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; they still work
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
 def clean_line(text: str) -> str:
@@ -43,8 +57,14 @@ class Translator:
         self.warn = lambda msg: print(f"mt: warning: {msg}", file=sys.stderr)
 
     @classmethod
-    def load(cls, run: str | Path, *, device: str | None = None, weights: str = "model") -> "Translator":
+    def load(cls, run: str | Path, *, device: str | None = None, weights: str = "model",
+             quantize: str | None = None) -> "Translator":
+        """quantize="int8": dynamic int8 linear layers (CPU inference only)."""
         cfg, model, tok = load_run(run, weights=weights)
+        if quantize == "int8":
+            model, device = quantize_int8(model), "cpu"
+        elif quantize:
+            raise ValueError(f"unknown quantization {quantize!r} (int8)")
         return cls(model, tok, cfg, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # --- public API ------------------------------------------------------------------------
