@@ -1,0 +1,90 @@
+"""Options and helpers the `mt` subcommands share: decoding options, loading a run, stdin/stdout text."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mt.errors import MTError
+
+
+def decode_options(*, model_required: bool = True):
+    """Options shared by the commands that decode with a run (translate, eval)."""
+    opts = [
+        click.option("-m", "--model", "run", required=model_required, default=None, type=click.Path(),
+                     help="Run directory."),
+        click.option("--beam", "beam_size", type=click.IntRange(min=1), default=None, help="Beam size."),
+        click.option("--greedy", is_flag=True, help="Greedy search (beam size 1)."),
+        click.option("--length-penalty", type=float, default=None, help="Score = log P / len ** this."),
+        click.option("--max-len-a", type=float, default=None, help="Max output length = a * src len + b."),
+        click.option("--max-len-b", type=int, default=None),
+        click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
+                     help="Source tokens x beam per batch."),
+        click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model",
+                     show_default=True, help="Best (model) or latest (last) weights."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        click.option("--quantize", type=click.Choice(["int8"]), default=None,
+                     help="Dynamic int8 linear layers (CPU)."),
+    ]
+
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return decorate
+
+
+def load_translator(run, weights, device, batch_tokens, quantize=None):
+    from mt.translate import Translator
+
+    t = Translator.load(run, device=device, weights=weights, quantize=quantize)
+    if batch_tokens:
+        t.cfg.decode.batch_tokens = batch_tokens
+    return t
+
+
+def search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b) -> dict:
+    return dict(beam_size=1 if greedy else beam_size, length_penalty=length_penalty,
+                max_len_a=max_len_a, max_len_b=max_len_b)
+
+
+def one_line(text: str) -> str:
+    """Output text with no character that a reader could take for a line break."""
+    return " ".join(text.splitlines()) if text else text
+
+
+def stdin_lines():
+    """Lines of stdin as text, read lazily; invalid UTF-8 becomes U+FFFD."""
+    for raw in sys.stdin.buffer:
+        yield raw.decode("utf-8", errors="replace")
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--sample", is_flag=True, help="Ancestral sampling instead of search."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample among the k best (0: all)."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, help="Nucleus mass (1: all)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+
+def read_text(path: str) -> list[str]:
+    from mt.data import read_lines
+
+    if not Path(path).is_file():
+        raise MTError(f"file not found: {path}")
+    return list(read_lines(path))
+
+
+
+def format_ppl(v: dict) -> str:
+    return (f"perplexity per token {v['ppl_per_token']:.3f} (NLL {v['nll_per_token']:.4f} over {v['tokens']} "
+            f"tokens), per sentence {v['ppl_per_sentence']:.4g} ({v['sentences']} sentences)")
+
+
