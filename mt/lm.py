@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
-from mt.model import FeedForward, KVCache, SelfAttention, normalize_logits, sinusoids
+from mt.model import EncoderLayer, KVCache, count_parameters, normalize_logits, sinusoids
 from mt.tokenizer import BOS, PAD
 
 
@@ -51,21 +51,6 @@ def split_prompt(src):
     return full[:, :src.shape[1]], pending
 
 
-class LMLayer(nn.Module):
-    """Pre-norm self-attention + feed-forward block."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg.d_model, cfg.heads, cfg.attn_dropout)
-        self.ffn = FeedForward(cfg.d_model, cfg.ffn, cfg.activation_dropout)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, *, mask=None, causal=False, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache, layer=layer))
-        return x + self.drop(self.ffn(self.norm2(x)))
-
-
 class DecoderLM(nn.Module):
     """Causal transformer: P(x) (arch decoder_only) or P(y | x) by reading `x EOS BOS y` (prefix_lm)."""
 
@@ -76,7 +61,7 @@ class DecoderLM(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)
         self.register_buffer("positions", sinusoids(cfg.max_positions, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(LMLayer(cfg) for _ in range(cfg.dec_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))  # used causally
         self.norm = nn.LayerNorm(cfg.d_model)
         self.output = None  # tied to the embedding; a separate (quantized) copy only for int8 inference
         for name, p in self.named_parameters():
@@ -90,8 +75,7 @@ class DecoderLM(nn.Module):
     normalize = staticmethod(normalize_logits)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        return count_parameters(self, [self.embed] if non_embedding else [])
 
     def logits(self, hidden):
         return self.output(hidden) if self.output is not None else F.linear(hidden, self.embed.weight)
@@ -184,8 +168,7 @@ class LinearLM(nn.Module):
     normalize = staticmethod(normalize_logits)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        return count_parameters(self, [self.embed] if non_embedding else [])
 
     def forward(self, src, tgt_in, tgt_out=None):
         e = self.embed(tgt_in)                                             # (B, T, D)

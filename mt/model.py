@@ -28,9 +28,17 @@ def sinusoids(n: int, d: int) -> torch.Tensor:
     return table
 
 
+def count_parameters(model: nn.Module, exclude: list[nn.Module]) -> int:
+    """Parameters of `model`, less those of the `exclude` modules (e.g. embeddings)."""
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for m in exclude for p in m.parameters())
+
+
 def normalize_logits(logits):
-    """logits (..., V) -> log P(next token) in float32; PAD and BOS are never outputs."""
-    logits = logits.float().clone()
+    """logits (..., V) -> log P(next token) in float32; PAD and BOS are never outputs.
+
+    Writes into `logits` (a fresh output of the projection) rather than copying it.
+    """
+    logits = logits.float()
     logits[..., PAD] = float("-inf")
     logits[..., BOS] = float("-inf")
     return F.log_softmax(logits, dim=-1)
@@ -55,12 +63,13 @@ class KVCache:
     def reorder(self, index: torch.Tensor, memory_index: torch.Tensor | None = None) -> None:
         """Keep decoder rows `index` (copying only the filled part of the cache); `memory_index`
         keeps source rows, needed only when sentences are dropped (rows of sentence b: b*g .. b*g+g-1)."""
-        n = self.length
+        n, rows = self.length, len(index)
         for store in (self.self_k, self.self_v):
             for i, buf in enumerate(store):
-                new = buf.new_empty((len(index),) + buf.shape[1:])
-                new[:, :, :n] = buf[index, :, :n]
-                store[i] = new
+                # in place, into the first `rows` rows: no new buffer per step (the right side is
+                # gathered into a temporary first, so overlapping rows are safe)
+                buf[:rows, :, :n] = buf[index, :, :n]
+                store[i] = buf[:rows]
         if memory_index is not None:
             for store in (self.memory_k, self.memory_v):
                 for i, buf in enumerate(store):
@@ -143,6 +152,8 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """Pre-norm self-attention + feed-forward: the encoder's layer, and a decoder-only model's (causal)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
@@ -150,8 +161,8 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(cfg.d_model, cfg.ffn, cfg.activation_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask):
-        x = x + self.drop(self.attn(self.norm1(x), mask=mask))
+    def forward(self, x, mask=None, *, causal=False, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache, layer=layer))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -207,10 +218,7 @@ class Transformer(nn.Module):
             nn.init.zeros_(emb.weight[PAD])
 
     def num_parameters(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(e.weight.numel() for e in self._embeddings())
-        return n
+        return count_parameters(self, self._embeddings() if non_embedding else [])
 
     def _embed(self, emb: nn.Embedding, ids, start: int = 0):
         T = ids.shape[1]
@@ -241,7 +249,7 @@ class Transformer(nn.Module):
             return self.output(hidden)
         return F.linear(hidden, self.tgt_embed.weight)
 
-    normalize = staticmethod(lambda logits: normalize_logits(logits))
+    normalize = staticmethod(normalize_logits)
 
     def log_probs(self, hidden):
         """(..., D) -> log P(next token) (..., V), the distribution decoding and scoring both use."""

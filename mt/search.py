@@ -114,8 +114,8 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
 
     Each step ranks 2k candidates per sentence: EOS candidates among the top k are set aside as
     finished, the best k others continue, so finished hypotheses never starve the beam. A sentence
-    stops once it has k finished hypotheses and no live one can still beat the k-th (exact for
-    length_penalty=0, where log-probs only fall; the current length is used otherwise).
+    stops once it has k finished hypotheses and, with length_penalty=0, no live one can still beat
+    the k-th (then the search is exact up to the beam's pruning).
     """
     B, k = src.shape[0], beam_size
     max_lens = max_lens.to(torch.long)
@@ -149,7 +149,8 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
             finished[int(alive[i])].append(_finish(hist_tok[row].tolist(), step_lps, length_penalty))
         # the best k candidates that are not EOS continue
         sel = (is_eos.long() * n_cand + rank).argsort(dim=1)[:, :k]      # (b, k)
-        scores = top_scores.gather(1, sel)
+        # a sentence with fewer than k non-EOS candidates (at its length limit) fills up with dead rows
+        scores = top_scores.gather(1, sel).masked_fill(is_eos.gather(1, sel), float("-inf"))
         src_rows = (torch.arange(b)[:, None] * k + beam.gather(1, sel)).view(-1)
         new_tok = tok.gather(1, sel).view(-1)
         hist_lp = torch.cat([hist_lp[src_rows], lp[src_rows, new_tok][:, None]], 1)
@@ -162,8 +163,11 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
             if t + 1 >= T or best_live == float("-inf"):
                 done.append(True)
             elif len(fin) >= k:
+                # log-probs only fall, so with length_penalty=0 no live hypothesis can still beat the
+                # k-th finished one once the best live score is below it (exact); with a length
+                # penalty, stop at k finished hypotheses, as fairseq does
                 kth = sorted((h.score for h in fin), reverse=True)[k - 1]
-                done.append(best_live / (t + 1) ** length_penalty <= kth)
+                done.append(length_penalty > 0 or best_live <= kth)
             else:
                 done.append(False)
         done_t = torch.tensor(done)

@@ -76,13 +76,17 @@ class Translator:
                            max_len_a=max_len_a, max_len_b=max_len_b)
         return [self.tokenizer.decode([h[0].tokens])[0] if h else "" for h in hyps]
 
-    def translate_stream(self, lines: Iterable[str], *, window: int = 1000, **options) -> Iterator[str]:
+    def translate_stream(self, lines: Iterable[str], *, window: int = 1000, beam_size: int | None = None,
+                         length_penalty: float | None = None, max_len_a: float | None = None,
+                         max_len_b: int | None = None) -> Iterator[str]:
         """Translate an iterable lazily, `window` lines at a time, yielding outputs in input order."""
-        for hyps in self.search_stream(lines, window=window, **options):
+        for hyps in self.search_stream(lines, window=window, beam_size=beam_size, length_penalty=length_penalty,
+                                       max_len_a=max_len_a, max_len_b=max_len_b):
             yield self.tokenizer.decode([hyps[0].tokens])[0] if hyps else ""
 
     def search_stream(self, lines: Iterable[str], *, window: int = 1000, **options) -> Iterator[list[Hypothesis]]:
-        """`search` over an iterable, `window` lines at a time; sentence ids are global line numbers."""
+        """`search` over an iterable, `window` lines at a time (options as for `search`); sampling
+        draws are keyed by global line numbers, so they do not depend on the window."""
         it, start = iter(lines), 0
         while chunk := list(itertools.islice(it, window)):
             yield from self.search(chunk, ids=range(start, start + len(chunk)), **options)

@@ -145,3 +145,14 @@ def test_translator_batch_invariance(trained_run):
     assert outs[0] == outs[1]
     assert max(abs(a - b) for a, b in zip(*scores)) < 1e-5
     assert samples[0] == samples[1]
+
+
+def test_beam_hypotheses_stop_at_their_length_limit():
+    """A sentence forced to end at its length limit yields finished hypotheses only: no EOS inside, none too long."""
+    model = make_model(vocab_size=30, seed=9)
+    src = torch.randint(4, 30, (3, 5))
+    max_lens = torch.tensor([1, 6, 2])
+    for lp in (0.0, 1.0):
+        for limit, hyps in zip(max_lens.tolist(), beam_search(model, src, max_lens, beam_size=4, nbest=4,
+                                                                length_penalty=lp)):
+            assert hyps and all(EOS not in h.tokens and len(h.tokens) <= limit for h in hyps)
