@@ -5,7 +5,8 @@ import json
 
 import click
 
-from mt.cli_common import decode_options, format_ppl, load_translator, read_text, search_kwargs, stdin_lines
+from mt.cli_common import (decode_options, format_ppl, load_translator, read_text, sampling_options,
+                           search_kwargs, stdin_lines)
 from mt.errors import MTError
 
 
@@ -139,11 +140,14 @@ def bench_train(recipe, overrides, steps, repeats, as_json):
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--device", default=None)
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 linear layers (CPU).")
+@sampling_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_translate(run, src, beam_size, batch_tokens, repeats, device, quantize, as_json):
-    """Decoding speed: sentences/s and generated tokens/s."""
+def bench_translate(run, src, beam_size, batch_tokens, repeats, device, quantize, sample, temperature, top_k,
+                    top_p, seed, as_json):
+    """Decoding speed: sentences/s and generated tokens/s (search, or --sample)."""
     from mt import bench as b
 
     t = load_translator(run, "model", device, batch_tokens, quantize)
-    result = b.bench_translate(t, read_text(src), beam_size=beam_size, repeats=repeats)
+    result = b.bench_translate(t, read_text(src), beam_size=1 if sample else beam_size, repeats=repeats,
+                               sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate (beam {beam_size})", result)

@@ -1,0 +1,125 @@
+"""Transformer: cached incremental decoding, causal and padding masks, cache reordering, tied embeddings."""
+import torch
+import torch.nn.functional as F
+
+from conftest import make_model
+from mt.checkpoint import load_weights, save_weights
+from mt.tokenizer import BOS, EOS, PAD
+
+SRC = torch.tensor([[5, 6, 7, 8, 9, EOS], [4, 10, EOS, PAD, PAD, PAD], [7, 7, 5, EOS, PAD, PAD]])
+TGT_IN = torch.tensor([[BOS, 4, 5, 6, 7, 8, 9], [BOS, 10, 9, 8, 7, 6, 5], [BOS, 4, 4, 4, 4, 4, 4]])
+
+
+def teacher_forced_log_probs(model, src, tgt_in):
+    """log_softmax of forward()'s logits with PAD and BOS excluded, as step() computes them."""
+    logits = model(src, tgt_in).float()
+    logits[..., PAD] = logits[..., BOS] = float("-inf")
+    return F.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def test_incremental_decoding_matches_teacher_forcing(tiny_model):
+    """step() token by token on the KV cache gives the teacher-forced log-probs within 1e-5."""
+    full = teacher_forced_log_probs(tiny_model, SRC, TGT_IN)
+    cache = tiny_model.new_cache(SRC, TGT_IN.shape[1])
+    for t in range(TGT_IN.shape[1]):
+        lp = tiny_model.step(TGT_IN[:, t:t + 1], cache)
+        torch.testing.assert_close(lp, full[:, t], atol=1e-5, rtol=0)
+    assert cache.length == TGT_IN.shape[1]
+
+
+@torch.no_grad()
+def test_incremental_decoding_several_tokens_per_step(tiny_model):
+    """Feeding a 3-token prefix in one step, then single tokens, matches teacher forcing too."""
+    full = teacher_forced_log_probs(tiny_model, SRC, TGT_IN)
+    cache = tiny_model.new_cache(SRC, TGT_IN.shape[1])
+    torch.testing.assert_close(tiny_model.step(TGT_IN[:, :3], cache), full[:, 2], atol=1e-5, rtol=0)
+    for t in range(3, TGT_IN.shape[1]):
+        torch.testing.assert_close(tiny_model.step(TGT_IN[:, t:t + 1], cache), full[:, t], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_forward_with_tgt_out_keeps_non_pad_rows(tiny_model):
+    """forward(src, tgt_in, tgt_out) returns exactly the logits of the non-pad target positions."""
+    tgt_out = TGT_IN.roll(-1, dims=1)
+    tgt_out[1, 4:] = PAD
+    full = tiny_model(SRC, TGT_IN)
+    torch.testing.assert_close(tiny_model(SRC, TGT_IN, tgt_out), full[tgt_out != PAD])
+
+
+@torch.no_grad()
+def test_causal_mask(tiny_model):
+    """Changing the target token at position j changes no logit before j (and does change j's)."""
+    base = tiny_model(SRC, TGT_IN)
+    for j in range(1, TGT_IN.shape[1]):
+        changed = TGT_IN.clone()
+        changed[:, j] = (changed[:, j] - 3) % 7 + 4  # another real token (ids 4..10)
+        out = tiny_model(SRC, changed)
+        torch.testing.assert_close(out[:, :j], base[:, :j], atol=1e-6, rtol=0)
+        assert not torch.allclose(out[:, j], base[:, j])
+
+
+@torch.no_grad()
+def test_source_padding_does_not_leak(tiny_model):
+    """Each sentence gets the same log-probs in a padded batch as alone (no padding)."""
+    batched = teacher_forced_log_probs(tiny_model, SRC, TGT_IN)
+    for b in range(len(SRC)):
+        src = SRC[b:b + 1, :int((SRC[b] != PAD).sum())]
+        alone = teacher_forced_log_probs(tiny_model, src, TGT_IN[b:b + 1])
+        torch.testing.assert_close(batched[b:b + 1], alone, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_kv_cache_reorder_selects_rows(tiny_model):
+    """cache.reorder(index, index) keeps rows `index`: the cache and later steps equal a run on src[index]."""
+    index = torch.tensor([2, 0, 2])
+    cache = tiny_model.new_cache(SRC, TGT_IN.shape[1])
+    tiny_model.step(TGT_IN[:, :2], cache)
+    before = [k[:, :, :2].clone() for k in cache.self_k]
+    cache.reorder(index, index)
+    assert cache.length == 2 and cache.memory_mask.shape[0] == 3
+    for old, new in zip(before, cache.self_k):
+        torch.testing.assert_close(new[:, :, :2], old[index])
+    torch.testing.assert_close(cache.memory_mask, (SRC[index] != PAD)[:, None, None, :])
+    fresh = tiny_model.new_cache(SRC[index], TGT_IN.shape[1])
+    tiny_model.step(TGT_IN[index, :2], fresh)
+    for t in range(2, TGT_IN.shape[1]):
+        torch.testing.assert_close(tiny_model.step(TGT_IN[index, t:t + 1], cache),
+                                   tiny_model.step(TGT_IN[index, t:t + 1], fresh), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_grouped_cache_matches_repeated_source(tiny_model):
+    """new_cache(src, group=g) (beam rows sharing one source) equals a cache on src repeated g times,
+    also after reordering rows and dropping a sentence with memory_index."""
+    g = 2
+    rows = SRC.repeat_interleave(g, dim=0)
+    tgt = TGT_IN.repeat_interleave(g, dim=0)
+    grouped, plain = tiny_model.new_cache(SRC, TGT_IN.shape[1], group=g), tiny_model.new_cache(rows, TGT_IN.shape[1])
+    for t in range(3):
+        torch.testing.assert_close(tiny_model.step(tgt[:, t:t + 1], grouped),
+                                   tiny_model.step(tgt[:, t:t + 1], plain), atol=1e-5, rtol=0)
+    keep = torch.tensor([1, 0, 5, 5])  # sentence 0 (rows swapped) and sentence 2 (row 5 twice); sentence 1 dropped
+    grouped.reorder(keep, torch.tensor([0, 2]))
+    plain.reorder(keep, keep)
+    for t in range(3, TGT_IN.shape[1]):
+        torch.testing.assert_close(tiny_model.step(tgt[keep, t:t + 1], grouped),
+                                   tiny_model.step(tgt[keep, t:t + 1], plain), atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_share_one_tensor(tmp_path):
+    """With tie_embeddings, source/target embeddings and the output projection are one tensor (also after a save/load)."""
+    tied, untied = make_model(tie_embeddings=True), make_model(tie_embeddings=False)
+    assert tied.tgt_embed.weight is tied.embed.weight and tied.output is None
+    h = torch.randn(3, tied.cfg.d_model)
+    torch.testing.assert_close(tied.logits(h), h @ tied.embed.weight.T)
+    V, D = tied.vocab_size, tied.cfg.d_model
+    assert untied.num_parameters() - tied.num_parameters() == 2 * V * D
+    assert untied.tgt_embed.weight is not untied.embed.weight
+    save_weights(tied, tmp_path / "w.safetensors")
+    loaded = make_model(seed=1, tie_embeddings=True)
+    load_weights(loaded, tmp_path / "w.safetensors")
+    assert loaded.tgt_embed.weight is loaded.embed.weight
+    assert torch.equal(loaded.embed.weight, tied.embed.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(SRC, TGT_IN), tied(SRC, TGT_IN))
