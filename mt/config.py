@@ -114,7 +114,12 @@ def _check_type(name: str, value, typ):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -180,7 +185,7 @@ def load(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -
             raise MTError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(raw, dict):
             raise MTError(f"{path}: expected a mapping of sections at the top level")
-    raw = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in raw.items()}
+    raw = {k: {} if v is None else dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
         section, name, value = parse_override(text)
         raw.setdefault(section, {})

@@ -53,15 +53,11 @@ def test_set_overrides_beat_recipe(tmp_path):
     assert (cfg.model.enc_layers, cfg.model.dec_layers) == (5, 6)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG config.py: PyYAML reads '1e-3' as a string, so --set train.lr=1e-3 "
-                                       "(the parse_override docstring example) is rejected as 'expected float'")
 def test_set_override_exponent_float():
     """`--set train.lr=1e-3` gives the float 0.001, as parse_override's docstring promises."""
     assert config.load(None, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG config.py load(): an empty recipe section (YAML null) plus a --set "
-                                       "into it is reported as 'section is not a mapping'")
 def test_set_into_empty_recipe_section(tmp_path):
     """--set works for a section the recipe names but leaves empty (`decode:`)."""
     cfg = config.load(write(tmp_path, "model:\n  d_model: 64\ndecode:\n"), ["decode.beam_size=3"])
@@ -123,15 +119,7 @@ def test_recipe_loads(recipe):
     assert isinstance(config.load(recipe), config.Config)
 
 
-# Known violations (recipes/ is not ours to edit): the `max_len_b:` line of these recipes has no comment.
-KNOWN_UNCOMMENTED = {name: "decode.max_len_b line has no comment" for name in
-                     ("multi30k.yaml", "wmt.yaml", "lm.yaml", "linear_lm.yaml", "multi30k_prefix_lm.yaml")}
-
-
-@pytest.mark.parametrize("recipe", [
-    pytest.param(p, id=p.name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_UNCOMMENTED[p.name])]
-                 if p.name in KNOWN_UNCOMMENTED else [])
-    for p in RECIPES])
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_key_lines_are_commented(recipe):
     """Every `key: value` line of a recipe carries a `#` comment explaining it."""
     for line in recipe.read_text(encoding="utf-8").splitlines():
