@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import load as accelerate_load, set_seed
 from tqdm import tqdm
 
 from mt import checkpoint, data as data_mod
@@ -191,6 +191,8 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     if resume:
         state = run / "state" if (run / "state").is_dir() else run / "state.old"
         try:
+            # load_state would swallow a bad RNG file and resume inexactly: read it first (weights only)
+            accelerate_load(state / f"random_states_{accelerator.process_index}.pkl")
             accelerator.load_state(str(state))
             progress.load(state / "progress.json")
         except Exception as e:  # truncated, corrupted or unsafe (pickled objects are refused) state
