@@ -1,6 +1,7 @@
 """`mt data multi30k`: fetch Multi30K task 1 (raw) from its public repository, or copy a local copy."""
 from __future__ import annotations
 
+import gzip
 import shutil
 import sys
 import urllib.request
@@ -14,7 +15,7 @@ MULTI30K_LANGS = ("en", "de", "fr", "cs")
 
 
 def multi30k(out: str | Path, *, source_dir: str | Path | None = None, langs=MULTI30K_LANGS) -> list[Path]:
-    """Write SPLIT.LANG.gz files under `out`, downloaded or copied from `source_dir`."""
+    """Write SPLIT.LANG.gz (downloaded, or copied from `source_dir`) and SPLIT.LANG (unpacked) under `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -38,5 +39,9 @@ def multi30k(out: str | Path, *, source_dir: str | Path | None = None, langs=MUL
                     tmp.unlink(missing_ok=True)
                     raise MTError(f"cannot download {url}: {e}; use --from DIR for a local copy") from None
             tmp.replace(dest)
-            written.append(dest)
+            plain = out / f"{split}.{lang}"  # also unpacked, so `mt translate < DIR/test_2016_flickr.en` works
+            with gzip.open(dest, "rb") as f, open(plain.with_name(plain.name + ".part"), "wb") as g:
+                shutil.copyfileobj(f, g)
+            plain.with_name(plain.name + ".part").replace(plain)
+            written += [dest, plain]
     return written

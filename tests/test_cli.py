@@ -121,6 +121,8 @@ def test_data_multi30k_copies_files(multi30k_dir, tmp_path):
         assert str(out / name) in listed
         assert (out / name).read_bytes() == (multi30k_dir / name).read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.split("/")[-1] for p in listed)  # no .part left
+    with gzip.open(multi30k_dir / "val.de.gz", "rb") as f:  # and unpacked beside, for `mt translate < FILE`
+        assert (out / "val.de").read_bytes() == f.read()
 
 
 def test_library_load_and_translate(trained_run):
