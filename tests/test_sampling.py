@@ -69,12 +69,14 @@ def test_probabilities_of_all_sequences_sum_to_one_and_sampling_matches():
 
 
 def test_sampled_sequence_logprob_matches_score():
-    """The log-prob a sample reports equals its teacher-forced score."""
+    """The log-prob each sample reports equals its teacher-forced score."""
     model = make_model(vocab_size=20, seed=4)
-    src = torch.tensor([[5, 6, EOS]])
-    h = generate(model, src.repeat(5, 1), torch.full((5,), 6), sample=True, seed=2)[3]
-    if h.tokens and len(h.tokens) < 6:
-        s = score_ids(model, [[5, 6]], [h.tokens], batch_tokens=100, device="cpu")[0]
+    n, limit = 50, 40
+    hyps = generate(model, torch.tensor([[5, 6, EOS]]).repeat(n, 1), torch.full((n,), limit), sample=True, seed=2)
+    natural = [h for h in hyps if len(h.tokens) < limit]  # ended by sampling EOS, not by the length limit
+    assert natural
+    scores = score_ids(model, [[5, 6]] * len(natural), [h.tokens for h in natural], batch_tokens=10_000, device="cpu")
+    for h, s in zip(natural, scores):
         assert abs(s.logprob - h.logprob) < 1e-4
 
 
