@@ -253,16 +253,3 @@ def collate(data: ParallelData, idx: np.ndarray) -> dict[str, torch.Tensor]:
         tgt_out[b, len(y)] = EOS
     return {"src": torch.from_numpy(src), "tgt_in": torch.from_numpy(tgt_in),
             "tgt_out": torch.from_numpy(tgt_out)}
-
-
-class BatchList(torch.utils.data.Dataset):
-    """A dataset whose items are whole pre-built batches (so Accelerate can shard them by index)."""
-
-    def __init__(self, data: ParallelData, batches: list[np.ndarray]):
-        self.data, self.batches = data, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return collate(self.data, self.batches[i])
