@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mt import data as data_mod
@@ -52,8 +53,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3) -> dict:
-    """Time `steps` updates after `warmup`, `repeats` times; report the median window."""
+def synthetic_data(vocab_size: int, mean_len: int, n: int = 20_000, seed: int = 0) -> data_mod.ParallelData:
+    """Random token ids, lengths uniform in [mean/2, 3 mean/2]: model speed without a corpus or tokenizer."""
+    rng = np.random.default_rng(seed)
+
+    def side():
+        lens = rng.integers(max(1, mean_len // 2), mean_len * 3 // 2 + 1, n)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        return data_mod.TokenArray(rng.integers(4, vocab_size, int(offsets[-1])).astype(np.int32), offsets)
+
+    return data_mod.ParallelData(side(), side())
+
+
+def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3, synthetic: int = 0) -> dict:
+    """Time `steps` updates after `warmup`, `repeats` times; report the median window. synthetic > 0:
+    random sentences of about that many tokens over data.vocab_size ids instead of the recipe's corpus."""
     from accelerate import Accelerator
 
     from mt.model import build_model
@@ -61,20 +75,25 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3) -
 
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     accelerator = Accelerator(mixed_precision=cfg.train.precision)
-    run = Path(tempfile.mkdtemp(prefix="mt-bench-"))  # reuse the recipe run's tokenizer if there is one
-    if (Path(cfg.train.out_dir) / "spm.model").is_file():
-        shutil.copy(Path(cfg.train.out_dir) / "spm.model", run / "spm.model")
-    tok, data, _ = load_data(cfg, run, accelerator)
+    if synthetic:
+        vocab, data = cfg.data.vocab_size, synthetic_data(cfg.data.vocab_size, synthetic)
+    else:
+        run = Path(tempfile.mkdtemp(prefix="mt-bench-"))  # reuse the recipe run's tokenizer if there is one
+        if (Path(cfg.train.out_dir) / "spm.model").is_file():
+            shutil.copy(Path(cfg.train.out_dir) / "spm.model", run / "spm.model")
+        tok, data, _, _ = load_data(cfg, run, accelerator)
+        vocab = len(tok)
     need = (warmup + steps * repeats) * cfg.train.accum_steps
     batches = data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), cfg.train.batch_tokens,
                                      seed=cfg.train.seed, epoch=0)
     batches = (batches * (need // len(batches) + 1))[:need]
-    model = build_model(cfg.model, len(tok))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+    raw_model = build_model(cfg.model, vocab)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   fused=accelerator.device.type in ("cpu", "cuda"))
+    model = torch.compile(raw_model, dynamic=True) if cfg.train.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    params = accelerator.unwrap_model(model).num_parameters()
+    params = raw_model.num_parameters()
     it = iter(batches)
 
     def run(n):
@@ -96,6 +115,7 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3) -
     ceiling = matmul_flops(accelerator.device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     achieved = 6 * params * tgt_tok / dt
     return {"device": str(accelerator.device), "threads": torch.get_num_threads(), "parameters": params,
+            "precision": cfg.train.precision, "compile": cfg.train.compile, "synthetic": synthetic,
             "steps": steps, "repeats": repeats, "tgt_tokens_per_step": tgt_tok / steps,
             "tgt_tokens_per_s": tgt_tok / dt, "src_tgt_tokens_per_s": (tgt_tok + src_tok) / dt,
             "steps_per_s": steps / dt, "achieved_flops": achieved, "matmul_flops": ceiling,

@@ -4,6 +4,8 @@
     RUN/meta.json           format version, vocabulary size, step and validation scores of the weights
     RUN/spm.model           the SentencePiece model
     RUN/model.safetensors   best weights (by train.best_metric); RUN/last.safetensors: latest weights
+    RUN/snapshots/          the last train.average_last saved weights (step_NNNNNNNN.safetensors), when on
+    RUN/averaged.safetensors  their average (`mt average`, or at the end of training)
     RUN/metrics.jsonl       training and validation metrics, one JSON object per line
     RUN/state/              Accelerate's resumable training state (optimizer, schedule, RNG, data position)
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from mt import config as config_mod
 from mt.config import Config
@@ -41,6 +43,39 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_model(model, str(tmp))  # handles tied (shared) tensors
     os.replace(tmp, path)
+
+
+def snapshot(model: torch.nn.Module, run: Path, step: int, keep: int) -> None:
+    """Write the weights as RUN/snapshots/step_NNNNNNNN.safetensors and keep only the newest `keep`."""
+    folder = run / "snapshots"
+    folder.mkdir(exist_ok=True)
+    save_weights(model, folder / f"step_{step:08d}.safetensors")
+    for old in sorted(folder.glob("step_*.safetensors"))[:-keep]:
+        old.unlink()
+
+
+def average_snapshots(run: Path, last: int, out: Path) -> list[Path]:
+    """Average the newest `last` snapshots of a run into `out`; returns the snapshots used."""
+    paths = sorted((run / "snapshots").glob("step_*.safetensors"))[-last:]
+    if not paths:
+        raise MTError(f"{run}: no snapshots to average (train with train.average_last > 0)")
+    total = None
+    for path in paths:
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise MTError(f"{path}: cannot read weights ({str(e).splitlines()[0][:200]})") from None
+        if total is None:
+            total = {k: v.double() for k, v in tensors.items()}
+        elif tensors.keys() != total.keys():
+            raise MTError(f"{path}: its tensors differ from {paths[0].name}'s: not the same model")
+        else:
+            for k, v in tensors.items():
+                total[k] += v.double()
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: (v / len(paths)).float().contiguous() for k, v in total.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out)
+    return paths
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

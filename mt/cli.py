@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from mt import cli_eval
+from mt import cli_eval, cli_scaling
 from mt.cli_common import (decode_options, load_translator, one_line, sampling_options, search_kwargs,
                            stdin_lines)
 from mt.errors import MTError
@@ -65,6 +65,25 @@ def train(recipe, overrides, resume):
     run_training(config.load(recipe, overrides), resume=resume)
 
 
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--last", type=click.IntRange(min=1), default=5, show_default=True, help="How many snapshots.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default: RUN/averaged.safetensors.")
+def average(run, last, out):
+    """Average the last N weight snapshots of RUN (kept when train.average_last > 0).
+
+    Use the result with `--checkpoint averaged` (translate, eval, score)."""
+    from pathlib import Path
+
+    from mt.checkpoint import average_snapshots, read_meta
+
+    run = Path(run)
+    read_meta(run)
+    out = Path(out) if out else run / "averaged.safetensors"
+    used = average_snapshots(run, last, out)
+    click.echo(f"mt: averaged {len(used)} snapshots ({used[0].stem} .. {used[-1].stem}) into {out}", err=True)
+
+
 # --- translate --------------------------------------------------------------------------------
 @main.command()
 @decode_options()
@@ -115,7 +134,7 @@ def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batc
 @click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, help="Nucleus mass (1: all).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-len", type=click.IntRange(min=1), default=None, help="Most tokens generated.")
-@click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model")
+@click.option("--checkpoint", "weights", type=click.Choice(["model", "last", "averaged"]), default="model")
 @click.option("--device", default=None)
 def sample_cmd(run, num, prompt, temperature, top_k, top_p, seed, max_len, weights, device):
     """Draw samples, one per line (prompt + continuation for a language model)."""
@@ -131,6 +150,7 @@ def sample_cmd(run, num, prompt, temperature, top_k, top_p, seed, max_len, weigh
 main.add_command(cli_eval.score)
 main.add_command(cli_eval.evaluate)
 main.add_command(cli_eval.bench)
+main.add_command(cli_scaling.scaling)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -16,7 +17,7 @@ from mt.errors import MTError
 @click.option("--src", type=click.Path(), default=None, help="Sources, one per line.")
 @click.option("--tgt", type=click.Path(), default=None, help="Targets, one per line (else TSV pairs on stdin).")
 @click.option("--text", type=click.Path(), default=None, help="Language models: texts to score, one per line.")
-@click.option("--checkpoint", "weights", type=click.Choice(["model", "last"]), default="model")
+@click.option("--checkpoint", "weights", type=click.Choice(["model", "last", "averaged"]), default="model")
 @click.option("--device", default=None)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout, JSON summary on stderr.")
 def score(run, src, tgt, text, weights, device, as_json):
@@ -56,6 +57,9 @@ def score(run, src, tgt, text, weights, device, as_json):
 @click.command("eval")
 @click.option("--bleu", is_flag=True, help="sacreBLEU BLEU (default when no metric is named).")
 @click.option("--chrf", is_flag=True, help="sacreBLEU chrF.")
+@click.option("--lc-tok", "lc_tok", is_flag=True,
+              help="Also lowercased, Moses-tokenised BLEU (the Multi30K papers' convention; needs sacremoses).")
+@click.option("--lang", default=None, help="Target language for --lc-tok (default: the run's, or --ref's suffix).")
 @click.option("--ppl", is_flag=True, help="Per-token and per-sentence perplexity of --ref given --src (needs -m).")
 @click.option("--hyp", type=click.Path(), default=None, help="Hypotheses, one per line.")
 @click.option("--ref", type=click.Path(), default=None, help="References, one per line.")
@@ -63,10 +67,10 @@ def score(run, src, tgt, text, weights, device, as_json):
 @click.option("--src", type=click.Path(), default=None, help="Source to translate with -m first.")
 @decode_options(model_required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(bleu, chrf, ppl, hyp, ref, text, src, run, beam_size, greedy, length_penalty, max_len_a, max_len_b,
+def evaluate(bleu, chrf, lc_tok, lang, ppl, hyp, ref, text, src, run, beam_size, greedy, length_penalty, max_len_a, max_len_b,
              batch_tokens, weights, device, quantize, as_json):
     """Score hypotheses (--hyp) or a model's translations of --src against --ref."""
-    from mt.metrics import corpus_scores
+    from mt.metrics import corpus_scores, lc_tok_bleu
 
     if text is not None:  # language model perplexity: log P(x) of each line
         if run is None:
@@ -80,7 +84,7 @@ def evaluate(bleu, chrf, ppl, hyp, ref, text, src, run, beam_size, greedy, lengt
     if ref is None:
         raise MTError("--ref FILE is required (or --text FILE for a language model)")
     refs = read_text(ref)
-    want_bleu = bleu or (not chrf and not ppl)
+    want_bleu = bleu or lc_tok or (not chrf and not ppl)
     results: dict = {}
     t = None
     if run is not None:
@@ -100,6 +104,10 @@ def evaluate(bleu, chrf, ppl, hyp, ref, text, src, run, beam_size, greedy, lengt
         else:
             hyps = t.translate(sources, **search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b))
         results.update(corpus_scores(hyps, refs, bleu=want_bleu, chrf=chrf))
+        if lc_tok:
+            suffix = Path(ref).suffix.lstrip(".")
+            lang = lang or (t.cfg.data.tgt_lang if t is not None else suffix if len(suffix) == 2 else "en")
+            results["bleu_lc_tok"] = lc_tok_bleu(hyps, refs, lang)
     if ppl:
         results["ppl"] = t.perplexity(sources, refs)
     if as_json:
@@ -123,12 +131,14 @@ def bench():
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed updates per repeat.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--synthetic", type=click.IntRange(min=0), default=0, metavar="LEN",
+              help="Random sentences of about LEN tokens instead of the recipe's corpus (no data needed).")
 @click.option("--json", "as_json", is_flag=True)
-def bench_train(recipe, overrides, steps, repeats, as_json):
+def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
     """Training throughput of RECIPE's model and batches."""
     from mt import bench as b, config
 
-    result = b.bench_train(config.load(recipe, overrides), steps=steps, repeats=repeats)
+    result = b.bench_train(config.load(recipe, overrides), steps=steps, repeats=repeats, synthetic=synthetic)
     click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench train {recipe}", result)
 
 

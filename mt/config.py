@@ -17,6 +17,7 @@ import yaml
 from mt.errors import MTError
 
 
+SCHEDULES = ("inverse_sqrt", "cosine", "linear")
 ARCHS = ("transformer", "prefix_lm", "decoder_only", "linear")
 LM_ARCHS = ("decoder_only", "linear")   # model P(x) of monolingual text; the others model P(y | x)
 
@@ -43,6 +44,8 @@ class DataConfig:
     spm_model_type: str = "bpe"         # "bpe" or "unigram"
     spm_character_coverage: float = 1.0  # share of characters SentencePiece must cover
     spm_max_sentences: int = 2_000_000  # sample at most this many sentences to train SentencePiece
+    spm_alpha: float = 0.0              # subword regularisation: re-segment the training data every epoch,
+                                        # BPE-dropout p (bpe) or sampling smoothing (unigram); 0: off
 
 
 @dataclass
@@ -67,19 +70,28 @@ class TrainConfig:
     batch_tokens: int = 2300            # batch size: sentences x max(source, target) padded length (per process)
     accum_steps: int = 1                # batches accumulated into one update
     lr: float = 7e-4                    # peak learning rate
-    warmup_steps: int = 200             # linear warm-up, then inverse square root decay
+    warmup_steps: int = 200             # linear warm-up to lr, then the schedule's decay
+    schedule: str = "inverse_sqrt"      # inverse_sqrt, cosine or linear (these two decay to lr_end over
+                                        # the budget: max_steps, max_tokens, max_minutes or max_epochs,
+                                        # whichever ends first)
+    lr_end: float = 0.0                 # cosine / linear: learning rate at the end of the budget
     betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
     weight_decay: float = 0.0           # AdamW decoupled weight decay
     label_smoothing: float = 0.1        # label-smoothing epsilon of the cross-entropy
     clip_norm: float = 1.0              # gradient norm clipping (0: off)
     max_steps: int = 0                  # stop after this many updates (0: no limit)
     max_epochs: int = 0                 # stop after this many epochs (0: no limit)
+    max_tokens: int = 0                 # stop after this many target tokens (0: no limit)
     max_minutes: float = 0.0            # stop after this much training wall time, resumes included (0: none)
     valid_every: int = 500              # validate (loss, perplexity, greedy BLEU) every N updates
     save_every: int = 500               # write the resumable state every N updates
     log_every: int = 50                 # append metrics to metrics.jsonl every N updates
     max_bad_steps: int = 5              # stop (state saved) after this many non-finite losses in a row
     best_metric: str = "bleu"           # "bleu" or "loss": which validation score picks the best weights
+    patience: int = 0                   # early stopping: stop after N validations without a new best (0: off)
+    average_last: int = 0               # keep the last N saved weights (every save_every) and, at the end,
+                                        # use their average when it validates at least as well (0: off)
+    compile: bool = False               # torch.compile the model (pays on GPUs; the first steps compile)
     precision: str = "no"               # "no" (fp32), "bf16" or "fp16": Accelerate mixed precision
     threads: int = 0                    # torch CPU threads (0: all cores)
     progress: bool = True               # progress bar on stderr
@@ -211,6 +223,15 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise MTError(f"{source}: train.precision must be 'no', 'bf16' or 'fp16', got {t.precision!r}")
     if t.best_metric not in ("bleu", "loss"):
         raise MTError(f"{source}: train.best_metric must be 'bleu' or 'loss', got {t.best_metric!r}")
+    if t.schedule not in SCHEDULES:
+        raise MTError(f"{source}: train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
+    if t.schedule != "inverse_sqrt" and not (t.max_steps or t.max_minutes or t.max_epochs or t.max_tokens):
+        raise MTError(f"{source}: train.schedule={t.schedule} decays over the budget: "
+                      "set train.max_steps, train.max_tokens, train.max_minutes or train.max_epochs")
+    if not 0 <= d.spm_alpha < 1:
+        raise MTError(f"{source}: data.spm_alpha must be in [0, 1), got {d.spm_alpha}")
+    if t.patience < 0 or t.average_last < 0:
+        raise MTError(f"{source}: train.patience and train.average_last must be >= 0")
     if len(t.betas) != 2:
         raise MTError(f"{source}: train.betas must be a list of two floats")
     for name in ("batch_tokens", "accum_steps", "valid_every", "save_every", "log_every"):

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from mt.config import ModelConfig
 from mt.tokenizer import BOS, PAD
 
+# cuDNN's attention builds a new plan for every new (batch, length) shape: ~0.4 s each on an H100,
+# and token-budget batches bring new shapes all the time. Flash / memory-efficient kernels do not.
+torch.backends.cuda.enable_cudnn_sdp(False)
+
 
 def sinusoids(n: int, d: int) -> torch.Tensor:
     """(n, d) sinusoidal position table (Vaswani et al. 2017)."""

@@ -73,8 +73,14 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, out_type=int, num_threads=2)
+    def encode(self, texts: list[str], *, alpha: float = 0.0, seed: int = 0) -> list[list[int]]:
+        """Ids of each text; alpha > 0 samples a segmentation (subword regularisation), reproducibly
+        for a given seed (one thread, so the sampling order is fixed)."""
+        if alpha <= 0:
+            return self.sp.encode(texts, out_type=int, num_threads=2)
+        spm.set_random_generator_seed(seed)
+        return self.sp.encode(texts, out_type=int, enable_sampling=True, alpha=alpha, nbest_size=-1,
+                              num_threads=1)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return [self.sp.decode([i for i in seq if i > EOS]) for seq in ids]

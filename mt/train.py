@@ -36,18 +36,36 @@ from mt.translate import Translator
 
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warm-up to cfg.lr, then inverse square root decay (step counts from 1)."""
+def lr_at(step: int, cfg, done: float = 0.0) -> float:
+    """Learning rate of update `step` (counted from 1): linear warm-up to cfg.lr, then inverse square
+    root decay, or cosine / linear decay to cfg.lr_end by the end of the budget (`done`: the share of
+    the budget used, 0 to 1)."""
     step = max(step, 1)
-    return cfg.lr * min(step / cfg.warmup_steps, math.sqrt(cfg.warmup_steps / step))
+    warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * min(warm, math.sqrt(cfg.warmup_steps / step) if cfg.warmup_steps else 1 / math.sqrt(step))
+    done = min(max(done, 0.0), 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * done)) if cfg.schedule == "cosine" else 1 - done
+    return warm * (cfg.lr_end + (cfg.lr - cfg.lr_end) * shape)
+
+
+def budget_used(cfg, step: int, epoch: float, elapsed_s: float, tokens: int = 0) -> float:
+    """Share of the training budget used: the largest of steps, epochs, tokens and minutes (whichever
+    ends first)."""
+    shares = [step / cfg.max_steps if cfg.max_steps else 0.0,
+              tokens / cfg.max_tokens if cfg.max_tokens else 0.0,
+              epoch / cfg.max_epochs if cfg.max_epochs else 0.0,
+              elapsed_s / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0]
+    return max(shares)
 
 
 def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr: float,
-           label_smoothing: float, clip_norm: float) -> tuple[float, float, int, bool]:
+           label_smoothing: float, clip_norm: float) -> tuple[float, float, int, bool, int]:
     """One optimizer update over this process's micro-batches.
 
-    Returns (summed smoothed loss, summed NLL, local target tokens, applied); applied is False when
-    any process saw a non-finite loss, in which case the gradients are dropped and nothing changes.
+    Returns (summed smoothed loss, summed NLL, local target tokens, applied, target tokens of all
+    processes); applied is False when any process saw a non-finite loss, in which case the gradients
+    are dropped and nothing changes.
     """
     world = accelerator.num_processes
     local = sum(int((m["tgt_out"] != PAD).sum()) for m in micro)
@@ -66,12 +84,12 @@ def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr:
     finite = accelerator.reduce(torch.tensor(float(math.isfinite(loss_sum)), device=accelerator.device), "min")
     if finite.item() < 1:
         optimizer.zero_grad(set_to_none=True)
-        return loss_sum, nll_sum, local, False
+        return loss_sum, nll_sum, local, False, int(total)
     if clip_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), clip_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, nll_sum, local, True
+    return loss_sum, nll_sum, local, True, int(total)
 
 
 def prepare_run(cfg: Config, accelerator: Accelerator, resume: bool) -> Path:
@@ -94,8 +112,10 @@ def prepare_run(cfg: Config, accelerator: Accelerator, resume: bool) -> Path:
 def load_data(cfg: Config, run: Path, accelerator: Accelerator):
     """Tokenizer (trained on the training corpus if the run has none) and encoded train/valid data.
 
-    valid is (source texts, reference texts, encoded pairs) or None; language models have empty
-    sources and their text as targets.
+    Returns (tokenizer, train, valid, resample). valid is (source texts, reference texts, encoded
+    pairs) or None; language models have empty sources and their text as targets. resample(epoch)
+    re-segments the training data for that epoch when data.spm_alpha > 0 (else it is None; only then
+    are the raw texts kept in memory).
     """
     lm = cfg.model.arch in LM_ARCHS
     if lm:
@@ -115,13 +135,19 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
     accelerator.wait_for_everyone()
     tok = Tokenizer(spm_path)
 
-    def encode(src_text, tgt_text, **limits):
+    def encode(src_text, tgt_text, max_len=0, max_ratio=0.0, **sampling):
         if lm:
-            d = data_mod.encode_mono(tok, tgt_text, max_len=limits.get("max_len", 0))
+            d = data_mod.encode_mono(tok, tgt_text, max_len=max_len, **sampling)
             return data_mod.pack(d, cfg.data.context) if cfg.data.pack else d
-        return data_mod.encode_parallel(tok, src_text, tgt_text, **limits)
+        return data_mod.encode_parallel(tok, src_text, tgt_text, max_len=max_len, max_ratio=max_ratio, **sampling)
 
-    train = encode(src, tgt, max_len=cfg.data.max_len, max_ratio=cfg.data.max_len_ratio)
+    limits = dict(max_len=cfg.data.max_len, max_ratio=cfg.data.max_len_ratio)
+    resample = None
+    if cfg.data.spm_alpha > 0:
+        def resample(epoch: int):
+            seed = (cfg.train.seed * 1_000_003 + epoch) * 10_000_019 % 2**31
+            return encode(src, tgt, alpha=cfg.data.spm_alpha, seed=seed, **limits)
+    train = encode(src, tgt, **limits) if resample is None else resample(0)
     if len(train.tgt) == 0:
         raise MTError("no training examples left after length filtering (data.max_len, data.max_len_ratio)")
     valid = None
@@ -132,7 +158,7 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
         else:
             v_src, v_tgt = data_mod.read_split(cfg.data, "valid")
         valid = (v_src, v_tgt, encode(v_src, v_tgt))
-    return tok, train, valid
+    return tok, train, valid, resample
 
 
 class Progress:
@@ -140,6 +166,8 @@ class Progress:
 
     def __init__(self):
         self.step = self.epoch = self.batch = self.bad_steps = 0
+        self.stale = 0  # validations since the last new best (train.patience)
+        self.tokens = 0  # target tokens trained on, all processes
         self.elapsed = 0.0
         self.best = None
 
@@ -171,6 +199,27 @@ def validate(model, translator: Translator, valid, cfg: Config) -> dict:
     return scores
 
 
+def use_average(model, translator, valid, cfg: Config, run: Path, progress, *, vocab_size: int, log) -> None:
+    """Average the kept snapshots; the average becomes the run's model when it validates at least as
+    well as the best single weights (or when there is no validation set)."""
+    used = checkpoint.average_snapshots(run, cfg.train.average_last, run / "averaged.safetensors")
+    if len(used) < 2:
+        return
+    checkpoint.load_weights(model, run / "averaged.safetensors")
+    scores = validate(model, translator, valid, cfg) if valid is not None else {}
+    metric = (scores.get("valid_bleu") if cfg.train.best_metric == "bleu" and "valid_bleu" in scores
+              else -scores.get("valid_loss", 0.0))
+    better = progress.best is None or not scores or metric >= progress.best
+    log({"step": progress.step, "averaged": len(used), "chosen": better, **scores})
+    print(f"mt: average of the last {len(used)} snapshots" + (f": valid loss {scores['valid_loss']:.3f}" if scores else "")
+          + (f" greedy BLEU {scores['valid_bleu']:.2f}" if "valid_bleu" in scores else "")
+          + ("; it becomes the run's model" if better else "; the best single weights stay the run's model"),
+          file=sys.stderr)
+    if better:
+        checkpoint.save_weights(model, run / "model.safetensors")
+        checkpoint.save_config(cfg, run, vocab_size=vocab_size, step=progress.step, averaged=len(used), **scores)
+
+
 def train(cfg: Config, *, resume: bool = False) -> Path:
     """Train the model described by `cfg`; returns the run directory."""
     tc = cfg.train
@@ -178,13 +227,14 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     accelerator = Accelerator(mixed_precision=tc.precision)
     run = prepare_run(cfg, accelerator, resume)
     set_seed(tc.seed)
-    tok, train_data, valid = load_data(cfg, run, accelerator)
-    model = build_model(cfg.model, len(tok))
+    tok, train_data, valid, resample = load_data(cfg, run, accelerator)
+    raw_model = build_model(cfg.model, len(tok))
     opt_kwargs = {"fused": True} if accelerator.device.type in ("cpu", "cuda") else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                   weight_decay=tc.weight_decay, **opt_kwargs)
+    # batches vary in shape: dynamic shapes compile once instead of once per length
+    model = torch.compile(raw_model, dynamic=True) if tc.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
     progress = Progress()
     if accelerator.is_main_process:
         checkpoint.save_config(cfg, run, vocab_size=len(tok))
@@ -201,7 +251,7 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     translator = Translator(raw_model, tok, cfg, device=str(accelerator.device))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_update = tc.accum_steps * world
-    src_lens, tgt_lens = train_data.src.lengths(), train_data.tgt.lengths()
+    data_epoch = 0  # the epoch whose segmentation train_data holds (data.spm_alpha)
     metrics_file = run / "metrics.jsonl"
     accelerator.print(f"mt: {len(train_data.src)} training pairs, {raw_model.num_parameters():,} parameters, "
                       f"{world} process(es) on {accelerator.device}", file=sys.stderr)
@@ -224,6 +274,8 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         if accelerator.is_main_process:
             progress.save(run / "state.tmp" / "progress.json")
             checkpoint.save_weights(raw_model, run / "last.safetensors")
+            if tc.average_last:
+                checkpoint.snapshot(raw_model, run, progress.step, tc.average_last)
             if (run / "state").is_dir():
                 shutil.rmtree(run / "state.old", ignore_errors=True)
                 os.replace(run / "state", run / "state.old")
@@ -240,9 +292,11 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         scores = validate(raw_model, translator, valid, cfg)
         metric = scores["valid_bleu"] if "valid_bleu" in scores and tc.best_metric == "bleu" else -scores["valid_loss"]
         if progress.best is None or metric > progress.best:
-            progress.best = metric
+            progress.best, progress.stale = metric, 0
             checkpoint.save_weights(raw_model, run / "model.safetensors")
             checkpoint.save_config(cfg, run, vocab_size=len(tok), step=progress.step, **scores)
+        else:
+            progress.stale += 1
         log({"step": progress.step, **scores})
         accelerator.print(f"mt: step {progress.step} valid loss {scores['valid_loss']:.3f} "
                           f"ppl {scores['valid_ppl']:.2f}" + (f" greedy BLEU {scores['valid_bleu']:.2f}"
@@ -252,8 +306,10 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     def out_of_budget() -> bool:
         elapsed = elapsed_base + time.time() - session_start
         return bool((tc.max_steps and progress.step >= tc.max_steps)
+                    or (tc.max_tokens and progress.tokens >= tc.max_tokens)
                     or (tc.max_epochs and progress.epoch >= tc.max_epochs)
-                    or (tc.max_minutes and elapsed >= tc.max_minutes * 60) or stop_signal)
+                    or (tc.max_minutes and elapsed >= tc.max_minutes * 60)
+                    or (tc.patience and progress.stale >= tc.patience) or stop_signal)
 
     session_start, elapsed_base = time.time(), progress.elapsed
     bar = tqdm(disable=not (tc.progress and accelerator.is_main_process), file=sys.stderr,
@@ -262,15 +318,19 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     win_tokens, win_loss, win_nll, win_start = 0, 0.0, 0.0, time.time()
     stopped_by_faults = False
     while not out_of_budget():
-        batches = data_mod.token_batches(src_lens, tgt_lens, tc.batch_tokens, seed=tc.seed, epoch=progress.epoch)
+        if resample is not None and data_epoch != progress.epoch:
+            train_data, data_epoch = resample(progress.epoch), progress.epoch
+        batches = data_mod.token_batches(train_data.src.lengths(), train_data.tgt.lengths(), tc.batch_tokens,
+                                         seed=tc.seed, epoch=progress.epoch)
         n_updates = len(batches) // per_update
         if n_updates == 0:
             raise MTError(f"train.batch_tokens={tc.batch_tokens} leaves fewer batches than one update needs")
         while progress.batch < n_updates and not out_of_budget():
             first = progress.batch * per_update
             micro = [data_mod.collate(train_data, batches[first + a * world + rank]) for a in range(tc.accum_steps)]
-            lr = lr_at(progress.step + 1, tc)
-            loss_sum, nll_sum, local, applied = update(model, optimizer, accelerator, micro, lr=lr,
+            lr = lr_at(progress.step + 1, tc, budget_used(tc, progress.step, progress.epoch + progress.batch / n_updates,
+                                                          elapsed_base + time.time() - session_start, progress.tokens))
+            loss_sum, nll_sum, local, applied, total = update(model, optimizer, accelerator, micro, lr=lr,
                                                        label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm)
             progress.batch += 1
             if not applied:  # non-finite loss: the update was skipped; stop after too many in a row
@@ -282,6 +342,7 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
                 continue
             progress.bad_steps = 0
             progress.step += 1
+            progress.tokens += total
             progress.elapsed = elapsed_base + time.time() - session_start
             win_tokens += local
             win_loss, win_nll = win_loss + loss_sum / local, win_nll + nll_sum / local
@@ -307,6 +368,9 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     if progress.step % tc.valid_every and not stopped_by_faults and not stop_signal:
         run_validation()
     save_state()
+    if tc.average_last > 1 and not stopped_by_faults and not stop_signal and accelerator.is_main_process:
+        use_average(raw_model, translator, valid, cfg, run, progress, vocab_size=len(tok), log=log)
+    accelerator.wait_for_everyone()
     if stopped_by_faults:
         raise MTError(f"training stopped: {tc.max_bad_steps} non-finite losses in a row at step {progress.step} "
                       f"(state saved in {run}/state)")

@@ -115,8 +115,13 @@ def test_value_ranges_are_validated():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads(recipe):
-    """Every shipped recipe loads and validates."""
-    assert isinstance(config.load(recipe), config.Config)
+    """Every shipped recipe loads and validates; a scaling sweep, every run of it."""
+    if recipe.name.startswith("scaling"):
+        from mt import scaling
+        sweep = scaling.read_sweep(recipe)
+        assert all(isinstance(scaling.run_config(sweep, e)[0], config.Config) for e in sweep["runs"])
+    else:
+        assert isinstance(config.load(recipe), config.Config)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
