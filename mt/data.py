@@ -148,13 +148,17 @@ class ParallelData:
     packed: bool = False  # tgt holds fixed windows of a token stream (no BOS/EOS added per row)
 
 
+def _encode(tok: Tokenizer, texts: list[str], alpha: float, seed: int) -> list[list[int]]:
+    return tok.encode(texts, alpha=alpha, seed=seed) if alpha > 0 else tok.encode(texts)
+
+
 def encode_mono(tok: Tokenizer, texts: list[str], *, max_len: int = 0, chunk: int = 100_000,
                 alpha: float = 0.0, seed: int = 0) -> ParallelData:
     """Language-model data: empty sources, one target sentence per non-empty text line.
     alpha > 0 samples segmentations (subword regularisation) from `seed`."""
     arrays = []
     for start in range(0, len(texts), chunk):
-        ids = [t for t in tok.encode(texts[start:start + chunk], alpha=alpha, seed=seed + start)
+        ids = [t for t in _encode(tok, texts[start:start + chunk], alpha, seed + start)
                if t and (not max_len or len(t) <= max_len)]
         arrays.append(TokenArray.from_lists(ids))
     tgt = _concat(arrays)
@@ -185,8 +189,8 @@ def encode_parallel(tok: Tokenizer, src: list[str], tgt: list[str], *, max_len: 
     alpha > 0 samples segmentations (subword regularisation) from `seed`."""
     src_arrays, tgt_arrays = [], []
     for start in range(0, len(src), chunk):
-        s_ids = tok.encode(src[start:start + chunk], alpha=alpha, seed=2 * (seed + start))
-        t_ids = tok.encode(tgt[start:start + chunk], alpha=alpha, seed=2 * (seed + start) + 1)
+        s_ids = _encode(tok, src[start:start + chunk], alpha, 2 * (seed + start))
+        t_ids = _encode(tok, tgt[start:start + chunk], alpha, 2 * (seed + start) + 1)
         keep = [i for i, (s, t) in enumerate(zip(s_ids, t_ids))
                 if s and t and (not max_len or (len(s) <= max_len and len(t) <= max_len))
                 and (not max_ratio or max(len(s), len(t)) <= max_ratio * min(len(s), len(t)) + 5)]
