@@ -44,13 +44,13 @@ def test_compute_accounting_matches_a_hand_count():
     # the 20 x 8 (tied) embedding is not counted: C = 6 N D with N = 1536
 
 
-def write_sweep(tmp_path, multi30k_dir):
+def write_sweep(tmp_path, multi30k_dir, arch="transformer"):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"""
 base: {REPO / 'recipes/tiny.yaml'}
 out_dir: {tmp_path / 'runs'}
 set: {{train.max_steps: 0, train.max_tokens: 6000, train.valid_every: 100000, train.threads: 1,
-      data.train: {multi30k_dir / 'train'}, data.valid: {multi30k_dir / 'val'}}}
+      data.train: {multi30k_dir / 'train'}, data.valid: {multi30k_dir / 'val'}, model.arch: {arch}}}
 runs:
   - {{name: small, set: {{model.d_model: 16, model.ffn: 32}}}}
   - {{name: large, set: {{model.d_model: 32, model.ffn: 64}}}}
@@ -58,8 +58,10 @@ runs:
     return sweep
 
 
-def test_run_records_and_skips_finished_runs(tmp_path, multi30k_dir):
-    sweep = write_sweep(tmp_path, multi30k_dir)
+@pytest.mark.parametrize("arch", ["transformer", "decoder_only"])
+def test_run_records_and_skips_finished_runs(tmp_path, multi30k_dir, arch):
+    """Translation models (conditional loss) and language models alike."""
+    sweep = write_sweep(tmp_path, multi30k_dir, arch)
     result = mt_cli("scaling", "run", sweep)
     assert result.exit_code == 0, result.output
     records = {r["name"]: r for r in scaling.read_records(tmp_path / "runs")}
