@@ -71,7 +71,8 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3, s
     from accelerate import Accelerator
 
     from mt.model import build_model
-    from mt.train import load_data, lr_at, update
+    from mt.schedule import lr_at
+    from mt.train import load_data, update
 
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     accelerator = Accelerator(mixed_precision=cfg.train.precision)

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load, set_seed
 from tqdm import tqdm
@@ -28,35 +27,13 @@ from tqdm import tqdm
 from mt import checkpoint, data as data_mod
 from mt.config import LM_ARCHS, Config
 from mt.errors import MTError
-from mt.metrics import corpus_scores, perplexity
 from mt.loss import smoothed_cross_entropy
 from mt.model import build_model
+from mt.schedule import budget_used, lr_at
+from mt.validation import use_average, validate
 from mt.tokenizer import PAD, Tokenizer, train_tokenizer
 from mt.translate import Translator
 
-
-
-def lr_at(step: int, cfg, done: float = 0.0) -> float:
-    """Learning rate of update `step` (counted from 1): linear warm-up to cfg.lr, then inverse square
-    root decay, or cosine / linear decay to cfg.lr_end by the end of the budget (`done`: the share of
-    the budget used, 0 to 1)."""
-    step = max(step, 1)
-    warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    if cfg.schedule == "inverse_sqrt":
-        return cfg.lr * min(warm, math.sqrt(cfg.warmup_steps / step) if cfg.warmup_steps else 1 / math.sqrt(step))
-    done = min(max(done, 0.0), 1.0)
-    shape = 0.5 * (1 + math.cos(math.pi * done)) if cfg.schedule == "cosine" else 1 - done
-    return warm * (cfg.lr_end + (cfg.lr - cfg.lr_end) * shape)
-
-
-def budget_used(cfg, step: int, epoch: float, elapsed_s: float, tokens: int = 0) -> float:
-    """Share of the training budget used: the largest of steps, epochs, tokens and minutes (whichever
-    ends first)."""
-    shares = [step / cfg.max_steps if cfg.max_steps else 0.0,
-              tokens / cfg.max_tokens if cfg.max_tokens else 0.0,
-              epoch / cfg.max_epochs if cfg.max_epochs else 0.0,
-              elapsed_s / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0]
-    return max(shares)
 
 
 def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr: float,
@@ -142,11 +119,11 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
         return data_mod.encode_parallel(tok, src_text, tgt_text, max_len=max_len, max_ratio=max_ratio, **sampling)
 
     limits = dict(max_len=cfg.data.max_len, max_ratio=cfg.data.max_len_ratio)
-    resample = None
-    if cfg.data.spm_alpha > 0:
-        def resample(epoch: int):
-            seed = (cfg.train.seed * 1_000_003 + epoch) * 10_000_019 % 2**31
-            return encode(src, tgt, alpha=cfg.data.spm_alpha, seed=seed, **limits)
+    def sampled(epoch: int):  # subword regularisation: this epoch's segmentation, reproducibly
+        seed = (cfg.train.seed * 1_000_003 + epoch) * 10_000_019 % 2**31
+        return encode(src, tgt, alpha=cfg.data.spm_alpha, seed=seed, **limits)
+
+    resample = sampled if cfg.data.spm_alpha > 0 else None
     train = encode(src, tgt, **limits) if resample is None else resample(0)
     if len(train.tgt) == 0:
         raise MTError("no training examples left after length filtering (data.max_len, data.max_len_ratio)")
@@ -176,48 +153,6 @@ class Progress:
 
     def load(self, path: Path):
         self.__dict__.update(json.loads(path.read_text()))
-
-
-@torch.no_grad()
-def validate(model, translator: Translator, valid, cfg: Config) -> dict:
-    """Teacher-forced loss and perplexity, and greedy BLEU, on the validation set."""
-    src_text, ref_text, data = valid
-    model.eval()
-    nll_sum, ntok = 0.0, 0
-    for idx in data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), cfg.train.batch_tokens,
-                                      seed=0, epoch=0, shuffle=False):
-        b = {k: v.to(translator.device) for k, v in data_mod.collate(data, idx).items()}
-        logits = model(b["src"], b["tgt_in"], b["tgt_out"])
-        target = b["tgt_out"][b["tgt_out"] != PAD]
-        nll_sum += float(F.cross_entropy(logits.float(), target, reduction="sum"))
-        ntok += len(target)
-    scores = {"valid_loss": nll_sum / ntok, "valid_ppl": perplexity(nll_sum, ntok)}
-    if cfg.model.arch not in LM_ARCHS:
-        hyps = translator.translate(src_text, beam_size=1)
-        scores["valid_bleu"] = corpus_scores(hyps, ref_text)["bleu"]["score"]
-    model.train()
-    return scores
-
-
-def use_average(model, translator, valid, cfg: Config, run: Path, progress, *, vocab_size: int, log) -> None:
-    """Average the kept snapshots; the average becomes the run's model when it validates at least as
-    well as the best single weights (or when there is no validation set)."""
-    used = checkpoint.average_snapshots(run, cfg.train.average_last, run / "averaged.safetensors")
-    if len(used) < 2:
-        return
-    checkpoint.load_weights(model, run / "averaged.safetensors")
-    scores = validate(model, translator, valid, cfg) if valid is not None else {}
-    metric = (scores.get("valid_bleu") if cfg.train.best_metric == "bleu" and "valid_bleu" in scores
-              else -scores.get("valid_loss", 0.0))
-    better = progress.best is None or not scores or metric >= progress.best
-    log({"step": progress.step, "averaged": len(used), "chosen": better, **scores})
-    print(f"mt: average of the last {len(used)} snapshots" + (f": valid loss {scores['valid_loss']:.3f}" if scores else "")
-          + (f" greedy BLEU {scores['valid_bleu']:.2f}" if "valid_bleu" in scores else "")
-          + ("; it becomes the run's model" if better else "; the best single weights stay the run's model"),
-          file=sys.stderr)
-    if better:
-        checkpoint.save_weights(model, run / "model.safetensors")
-        checkpoint.save_config(cfg, run, vocab_size=vocab_size, step=progress.step, averaged=len(used), **scores)
 
 
 def train(cfg: Config, *, resume: bool = False) -> Path:

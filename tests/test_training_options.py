@@ -11,7 +11,7 @@ from conftest import REPO
 from mt import config
 from mt.errors import MTError
 from mt.metrics import corpus_scores, lc_tok_bleu
-from mt.train import budget_used, lr_at
+from mt.schedule import budget_used, lr_at
 from test_cli import mt_cli
 
 
