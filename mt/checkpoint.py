@@ -119,7 +119,7 @@ def load_run(run: str | Path, *, weights: str = "model"):
         raise MTError(f"run directory not found: {run}")
     meta = read_meta(run)
     cfg = config_mod.load(run / "config.yaml")
-    tok = Tokenizer(run / "spm.model")
+    tok = Tokenizer(run / "spm.model", lowercase=cfg.data.lowercase)
     if len(tok) != meta.get("vocab_size"):
         raise MTError(f"{run}: tokenizer has {len(tok)} pieces but the weights expect {meta.get('vocab_size')}")
     model = build_model(cfg.model, len(tok))

@@ -9,11 +9,16 @@ import click
 from mt.errors import MTError
 
 
+def _runs(ctx, param, value):
+    """() -> None, one run -> its path, several -> the list (an ensemble)."""
+    return None if not value else value[0] if len(value) == 1 else list(value)
+
+
 def decode_options(*, model_required: bool = True):
     """Options shared by the commands that decode with a run (translate, eval)."""
     opts = [
-        click.option("-m", "--model", "run", required=model_required, default=None, type=click.Path(),
-                     help="Run directory."),
+        click.option("-m", "--model", "run", required=model_required, multiple=True, type=click.Path(),
+                     callback=_runs, help="Run directory; repeat it to decode with an ensemble of runs."),
         click.option("--beam", "beam_size", type=click.IntRange(min=1), default=None, help="Beam size."),
         click.option("--greedy", is_flag=True, help="Greedy search (beam size 1)."),
         click.option("--length-penalty", type=float, default=None, help="Score = log P / len ** this."),

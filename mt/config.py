@@ -46,6 +46,8 @@ class DataConfig:
     spm_max_sentences: int = 2_000_000  # sample at most this many sentences to train SentencePiece
     spm_alpha: float = 0.0              # subword regularisation: re-segment the training data every epoch,
                                         # BPE-dropout p (bpe) or sampling smoothing (unigram); 0: off
+    lowercase: bool = False             # lowercase all text before SentencePiece (training and decoding);
+                                        # outputs are then lowercase: for lowercased metrics (mt eval --lc-tok)
 
 
 @dataclass

@@ -58,8 +58,8 @@ def train_tokenizer(sentences: Iterable[str], path: str | Path, *, vocab_size: i
 class Tokenizer:
     """Batched text <-> id conversion around one SentencePiece model file."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, *, lowercase: bool = False):
+        self.path, self.lowercase = Path(path), lowercase
         if not self.path.is_file():
             raise MTError(f"tokenizer model not found: {self.path}")
         self.sp = spm.SentencePieceProcessor()
@@ -76,11 +76,18 @@ class Tokenizer:
     def encode(self, texts: list[str], *, alpha: float = 0.0, seed: int = 0) -> list[list[int]]:
         """Ids of each text; alpha > 0 samples a segmentation (subword regularisation), reproducibly
         for a given seed (one thread, so the sampling order is fixed)."""
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
         if alpha <= 0:
             return self.sp.encode(texts, out_type=int, num_threads=2)
         spm.set_random_generator_seed(seed)
         return self.sp.encode(texts, out_type=int, enable_sampling=True, alpha=alpha, nbest_size=-1,
                               num_threads=1)
+
+    def same_as(self, other: "Tokenizer") -> bool:
+        """True when both map text to the same ids (same SentencePiece model and casing)."""
+        return (self.lowercase == other.lowercase
+                and self.sp.serialized_model_proto() == other.sp.serialized_model_proto())
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return [self.sp.decode([i for i in seq if i > EOS]) for seq in ids]

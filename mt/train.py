@@ -105,12 +105,13 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
     spm_path = run / "spm.model"
     if accelerator.is_main_process and not spm_path.is_file():
         accelerator.print(f"mt: training a {cfg.data.vocab_size}-piece SentencePiece model", file=sys.stderr)
-        train_tokenizer(iter(src + tgt), spm_path, vocab_size=cfg.data.vocab_size,
+        text = (s.lower() for s in src + tgt) if cfg.data.lowercase else iter(src + tgt)
+        train_tokenizer(text, spm_path, vocab_size=cfg.data.vocab_size,
                         model_type=cfg.data.spm_model_type, seed=cfg.train.seed,
                         character_coverage=cfg.data.spm_character_coverage,
                         max_sentences=cfg.data.spm_max_sentences)
     accelerator.wait_for_everyone()
-    tok = Tokenizer(spm_path)
+    tok = Tokenizer(spm_path, lowercase=cfg.data.lowercase)
 
     def encode(src_text, tgt_text, max_len=0, max_ratio=0.0, **sampling):
         if lm:

@@ -19,6 +19,8 @@ import torch.nn as nn
 
 from mt.checkpoint import load_run
 from mt.config import LM_ARCHS, Config
+from mt.ensemble import Ensemble
+from mt.errors import MTError
 from mt.scoring import PairScore, perplexities, score_ids
 from mt.search import Hypothesis, beam_search, generate
 from mt.tokenizer import EOS, PAD, Tokenizer
@@ -57,14 +59,22 @@ class Translator:
         self.warn = lambda msg: print(f"mt: warning: {msg}", file=sys.stderr)
 
     @classmethod
-    def load(cls, run: str | Path, *, device: str | None = None, weights: str = "model",
+    def load(cls, run: str | Path | list, *, device: str | None = None, weights: str = "model",
              quantize: str | None = None) -> "Translator":
-        """quantize="int8": dynamic int8 linear layers (CPU inference only)."""
-        cfg, model, tok = load_run(run, weights=weights)
-        if quantize == "int8":
-            model, device = quantize_int8(model), "cpu"
-        elif quantize:
+        """`run`: a run directory, or a list of them to decode as an ensemble (mt.ensemble; the runs
+        must share their tokenizer). quantize="int8": dynamic int8 linear layers (CPU inference only)."""
+        runs = [run] if isinstance(run, (str, Path)) else list(run)
+        if quantize not in (None, "int8"):
             raise ValueError(f"unknown quantization {quantize!r} (int8)")
+        loaded = [load_run(r, weights=weights) for r in runs]
+        cfg, model, tok = loaded[0]
+        for r, (c, _, t) in zip(runs[1:], loaded[1:]):
+            if not t.same_as(tok) or c.model.arch != cfg.model.arch:
+                raise MTError(f"{r}: cannot ensemble with {runs[0]}: the runs must share tokenizer and model type")
+        models = [quantize_int8(m) if quantize else m for _, m, _ in loaded]
+        model = models[0] if len(models) == 1 else Ensemble(models)
+        if quantize:
+            device = "cpu"
         return cls(model, tok, cfg, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # --- public API ------------------------------------------------------------------------

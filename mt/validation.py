@@ -31,7 +31,8 @@ def validate(model, translator: Translator, valid, cfg: Config) -> dict:
     scores = {"valid_loss": nll_sum / ntok, "valid_ppl": perplexity(nll_sum, ntok)}
     if cfg.model.arch not in LM_ARCHS:
         hyps = translator.translate(src_text, beam_size=1)
-        scores["valid_bleu"] = corpus_scores(hyps, ref_text)["bleu"]["score"]
+        refs = [r.lower() for r in ref_text] if cfg.data.lowercase else ref_text  # outputs are lowercase
+        scores["valid_bleu"] = corpus_scores(hyps, refs)["bleu"]["score"]
     model.train()
     return scores
 

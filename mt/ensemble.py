@@ -1,0 +1,51 @@
+"""Ensembles: several trained models that share a vocabulary, decoded and scored as one.
+
+The ensemble's next-token distribution is the mean of its members' probabilities,
+log P(y_i | y_<i, x) = log (1/n) sum_m P_m(y_i | y_<i, x), so it is a proper distribution: beam search,
+greedy search, sampling and scoring use it through the same `new_cache` / `step` / `forward` calls as a
+single model (mt.search, mt.scoring), and log P(y | x) of a sequence is still the sum of its steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class EnsembleCache:
+    """One decoding cache per member; reordered together (beam search, finished sentences)."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    def reorder(self, index: torch.Tensor, memory_index: torch.Tensor | None = None) -> None:
+        for cache in self.caches:
+            cache.reorder(index, memory_index)
+
+
+class Ensemble(nn.Module):
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        if len(models) < 2:
+            raise ValueError("an ensemble needs at least two models")
+        self.members = nn.ModuleList(models)
+        self.cfg = models[0].cfg
+
+    def _mean(self, logprobs: list[torch.Tensor]) -> torch.Tensor:
+        """log of the mean of the members' probabilities."""
+        return torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(logprobs))
+
+    def new_cache(self, src, max_len: int, group: int = 1) -> EnsembleCache:
+        return EnsembleCache([m.new_cache(src, max_len, group) for m in self.members])
+
+    def step(self, tokens, cache: EnsembleCache):
+        return self._mean([m.step(tokens, c) for m, c in zip(self.members, cache.caches)])
+
+    def forward(self, src, tgt_in, tgt_out=None):
+        """Teacher-forced log-probs (already normalised, unlike a single model's logits)."""
+        return self._mean([m.normalize(m(src, tgt_in, tgt_out)) for m in self.members])
+
+    @staticmethod
+    def normalize(logprobs):
+        return logprobs  # forward already returns log-probabilities
