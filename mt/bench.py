@@ -106,7 +106,8 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3, s
             tgt_tok += sum(int((m["tgt_out"] != PAD).sum()) for m in micro)
             src_tok += sum(int((m["src"] != PAD).sum()) for m in micro)
             update(model, optimizer, accelerator, micro, lr=lr_at(i + 1, cfg.train),
-                   label_smoothing=cfg.train.label_smoothing, clip_norm=cfg.train.clip_norm)
+                   label_smoothing=cfg.train.label_smoothing, clip_norm=cfg.train.clip_norm,
+                   rdrop_alpha=cfg.train.rdrop_alpha)
         sync(accelerator.device)
         return time.perf_counter() - t, tgt_tok, src_tok
 

@@ -80,6 +80,8 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
     weight_decay: float = 0.0           # AdamW decoupled weight decay
     label_smoothing: float = 0.1        # label-smoothing epsilon of the cross-entropy
+    rdrop_alpha: float = 0.0            # R-Drop (Liang et al. 2021): each batch runs twice under different
+                                        # dropout, + alpha/2 x their symmetric KL per token; 0: off
     clip_norm: float = 1.0              # gradient norm clipping (0: off)
     max_steps: int = 0                  # stop after this many updates (0: no limit)
     max_epochs: int = 0                 # stop after this many epochs (0: no limit)
@@ -230,6 +232,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.schedule != "inverse_sqrt" and not (t.max_steps or t.max_minutes or t.max_epochs or t.max_tokens):
         raise MTError(f"{source}: train.schedule={t.schedule} decays over the budget: "
                       "set train.max_steps, train.max_tokens, train.max_minutes or train.max_epochs")
+    if cfg.train.rdrop_alpha < 0:
+        raise MTError(f"{source}: train.rdrop_alpha must be >= 0, got {cfg.train.rdrop_alpha}")
     if not 0 <= d.spm_alpha < 1:
         raise MTError(f"{source}: data.spm_alpha must be in [0, 1), got {d.spm_alpha}")
     if t.patience < 0 or t.average_last < 0:

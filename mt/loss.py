@@ -33,6 +33,13 @@ class _SmoothedCE(torch.autograd.Function):
         return grad.mul_(grad_loss), None, None
 
 
+def symmetric_kl(logits: torch.Tensor) -> torch.Tensor:
+    """R-Drop's regulariser: (2N, V) logits of one batch run twice (rows n and N + n are the same
+    token) -> sum over tokens of (KL(p1 || p2) + KL(p2 || p1)) / 2 = sum (p1 - p2)(log p1 - log p2) / 2."""
+    lp1, lp2 = torch.log_softmax(logits.float(), dim=-1).chunk(2)
+    return 0.5 * ((lp1.exp() - lp2.exp()) * (lp1 - lp2)).sum()
+
+
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float):
     """(N, V) logits, (N,) targets -> (summed smoothed loss, summed NLL); both scalars, float32."""
     return _SmoothedCE.apply(logits.float(), target, float(eps))

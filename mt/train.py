@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mt import checkpoint, data as data_mod
 from mt.config import LM_ARCHS, Config
 from mt.errors import MTError
-from mt.loss import smoothed_cross_entropy
+from mt.loss import smoothed_cross_entropy, symmetric_kl
 from mt.model import build_model
 from mt.schedule import budget_used, lr_at
 from mt.validation import use_average, validate
@@ -37,8 +37,9 @@ from mt.translate import Translator
 
 
 def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr: float,
-           label_smoothing: float, clip_norm: float) -> tuple[float, float, int, bool, int]:
-    """One optimizer update over this process's micro-batches.
+           label_smoothing: float, clip_norm: float, rdrop_alpha: float = 0.0) -> tuple[float, float, int, bool, int]:
+    """One optimizer update over this process's micro-batches. rdrop_alpha > 0: R-Drop, each batch
+    is run twice (different dropout), loss = the mean of both cross-entropies + alpha/2 x symmetric KL.
 
     Returns (summed smoothed loss, summed NLL, local target tokens, applied, target tokens of all
     processes); applied is False when any process saw a non-finite loss, in which case the gradients
@@ -52,10 +53,14 @@ def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr:
     loss_sum = nll_sum = 0.0
     for a, m in enumerate(micro):
         m = {k: v.to(accelerator.device, non_blocking=True) for k, v in m.items()}
+        if rdrop_alpha:  # one forward over the batch twice: rows b and B + b get different dropout
+            m = {k: torch.cat([v, v]) for k, v in m.items()}
         sync = a == len(micro) - 1  # gradients are all-reduced once, after the last micro-batch
         with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
             logits = model(m["src"], m["tgt_in"], m["tgt_out"])  # (N, V) non-pad positions
             loss, nll = smoothed_cross_entropy(logits, m["tgt_out"][m["tgt_out"] != PAD], label_smoothing)
+            if rdrop_alpha:
+                loss, nll = loss / 2 + rdrop_alpha / 2 * symmetric_kl(logits), nll / 2
         accelerator.backward(loss * world / total)  # DDP averages over processes: undo that, divide by all tokens
         loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
     finite = accelerator.reduce(torch.tensor(float(math.isfinite(loss_sum)), device=accelerator.device), "min")
@@ -267,7 +272,8 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
             lr = lr_at(progress.step + 1, tc, budget_used(tc, progress.step, progress.epoch + progress.batch / n_updates,
                                                           elapsed_base + time.time() - session_start, progress.tokens))
             loss_sum, nll_sum, local, applied, total = update(model, optimizer, accelerator, micro, lr=lr,
-                                                       label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm)
+                                                       label_smoothing=tc.label_smoothing, clip_norm=tc.clip_norm,
+                                                       rdrop_alpha=tc.rdrop_alpha)
             progress.batch += 1
             if not applied:  # non-finite loss: the update was skipped; stop after too many in a row
                 progress.bad_steps += 1
