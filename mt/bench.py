@@ -142,6 +142,64 @@ def bench_translate(translator, sources: list[str], *, beam_size: int, repeats: 
             "generated_tokens_per_s": gen / dt, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
 
+def memory_bandwidth(n_bytes: int = 2**29, reps: int = 5) -> float:
+    """Measured bytes/s of a large CPU tensor copy (bytes read + bytes written), median of reps."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 1):
+        t = time.perf_counter()
+        dst.copy_(src)
+        if i:
+            times.append(time.perf_counter() - t)
+    return 2 * n_bytes / statistics.median(times)
+
+
+def _weight_bytes(module, skip: str = "") -> int:
+    """Bytes of a module's weights, dynamic-int8 packed linear layers included (1 byte a weight)."""
+    total = 0
+    for name, mod in module.named_modules():
+        if skip and skip in name:
+            continue
+        total += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
+        if isinstance(mod, torch.ao.nn.quantized.dynamic.Linear):  # int8 weights, packed
+            w = mod.weight()
+            total += w.numel() * w.element_size() + (mod.bias().numel() * 4 if mod.bias() is not None else 0)
+    return total
+
+
+def decode_step_bytes(model) -> int:
+    """Bytes of weights one decoding step must read: the decoder-side layers and the full output
+    projection, less what a step does not touch (the encoder, the cross-attention key/value
+    projections, which run once per sentence, and all but one row per token of the input embedding)."""
+    total = 0
+    for m in getattr(model, "members", [model]):
+        total += _weight_bytes(m.decoder if hasattr(m, "decoder") else m.layers, skip="cross_attn.kv")
+        if getattr(m, "output", None) is not None:
+            total += _weight_bytes(m.output)
+        else:
+            total += _weight_bytes(m.tgt_embed if hasattr(m, "tgt_embed") else m.embed)
+    return total
+
+
+def bench_latency(translator, sources: list[str], *, beam_size: int = 1, n: int = 100) -> dict:
+    """One sentence at a time (batch 1): milliseconds per generated token, against the memory-bandwidth
+    bound (weights read per step / measured copy bandwidth); encoding is included in the time."""
+    sources = [s for s in sources if s.strip()][:n]
+    translator.search(sources[:3], beam_size=beam_size)  # warm-up
+    t, gen = time.perf_counter(), 0
+    for s in sources:
+        hyps = translator.search([s], beam_size=beam_size)
+        gen += len(hyps[0][0].tokens) + 1
+    dt = time.perf_counter() - t
+    step_bytes, bandwidth = decode_step_bytes(translator.model), memory_bandwidth()
+    bound_ms = 1000 * step_bytes / bandwidth
+    return {"device": str(translator.device), "threads": torch.get_num_threads(), "sentences": len(sources),
+            "beam_size": beam_size, "ms_per_token": 1000 * dt / gen, "weights_mb_per_step": step_bytes / 2**20,
+            "memory_gb_per_s": bandwidth / 1e9, "bound_ms_per_token": bound_ms,
+            "ratio_to_bound": 1000 * dt / gen / bound_ms, "peak_rss_mb": peak_rss_mb()}
+
+
 def print_table(title: str, result: dict) -> None:
     print(title)
     for k, v in result.items():

@@ -150,14 +150,21 @@ def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--device", default=None)
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 linear layers (CPU).")
+@click.option("--latency", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Batch-1 latency instead: the first N sentences one at a time, ms per token vs the "
+                   "memory-bandwidth bound.")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_translate(run, src, beam_size, batch_tokens, repeats, device, quantize, sample, temperature, top_k,
-                    top_p, seed, as_json):
+def bench_translate(run, src, beam_size, batch_tokens, repeats, device, quantize, latency, sample, temperature,
+                    top_k, top_p, seed, as_json):
     """Decoding speed: sentences/s and generated tokens/s (search, or --sample)."""
     from mt import bench as b
 
     t = load_translator(run, "model", device, batch_tokens, quantize)
+    if latency:
+        result = b.bench_latency(t, read_text(src), beam_size=beam_size, n=latency)
+        click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate --latency (beam {beam_size})", result)
+        return
     result = b.bench_translate(t, read_text(src), beam_size=1 if sample else beam_size, repeats=repeats,
                                sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate (beam {beam_size})", result)

@@ -1,0 +1,32 @@
+"""`mt bench`: what it counts (no timing assertions: a benchmark is not a test)."""
+import json
+
+import pytest
+
+from conftest import make_model
+from test_cli import mt_cli
+from mt.bench import decode_step_bytes
+from mt.ensemble import Ensemble
+
+
+def test_decode_step_bytes_hand_count():
+    """2 decoder layers of width 32, FFN 64, vocabulary 11 (tied output): per layer 3 norms (192),
+    self-attention qkv + out (3,168 + 1,056), cross-attention q + out (1,056 + 1,056; its key/value
+    projection runs once per sentence), FFN (2,112 + 2,080) = 10,720 parameters; + the 11 x 32 output."""
+    model = make_model()
+    assert decode_step_bytes(model) == (2 * 10_720 + 11 * 32) * 4
+    assert decode_step_bytes(Ensemble([model, make_model(seed=1)])) == 2 * decode_step_bytes(model)
+
+
+def test_bench_translate_cli(trained_run, multi30k_dir, tmp_path):
+    src = tmp_path / "src.en"
+    src.write_text("A man rides a bike.\nTwo dogs play in the snow.\nA girl reads.\n")
+    out = mt_cli("bench", "translate", "-m", trained_run, "--src", src, "--beam", 2, "--repeats", 1, "--json")
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    assert r["sentences"] == 3 and r["sentences_per_s"] > 0 and r["generated_tokens_per_s"] > 0
+    out = mt_cli("bench", "translate", "-m", trained_run, "--src", src, "--beam", 1, "--latency", 2, "--json")
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    assert r["sentences"] == 2 and r["ms_per_token"] > 0 and r["memory_gb_per_s"] > 0
+    assert r["bound_ms_per_token"] == pytest.approx(r["weights_mb_per_step"] * 2**20 / (r["memory_gb_per_s"] * 1e9) * 1000)
