@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
-from mt.model import EncoderLayer, KVCache, count_parameters, normalize_logits, sinusoids
+from mt.model import EncoderLayer, KVCache, TransposedWeight, count_parameters, normalize_logits, sinusoids
 from mt.tokenizer import BOS, PAD
 
 
@@ -64,6 +64,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))  # used causally
         self.norm = nn.LayerNorm(cfg.d_model)
         self.output = None  # tied to the embedding; a separate (quantized) copy only for int8 inference
+        self._output_t = TransposedWeight()
         for name, p in self.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 nn.init.xavier_uniform_(p)
@@ -78,7 +79,7 @@ class DecoderLM(nn.Module):
         return count_parameters(self, [self.embed] if non_embedding else [])
 
     def logits(self, hidden):
-        return self.output(hidden) if self.output is not None else F.linear(hidden, self.embed.weight)
+        return self.output(hidden) if self.output is not None else self._output_t.project(hidden, self.embed.weight)
 
     def log_probs(self, hidden):
         return normalize_logits(self.logits(hidden))

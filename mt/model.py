@@ -37,6 +37,23 @@ def count_parameters(model: nn.Module, exclude: list[nn.Module]) -> int:
     return sum(p.numel() for p in model.parameters()) - sum(p.numel() for m in exclude for p in m.parameters())
 
 
+class TransposedWeight:
+    """A contiguous (D, V) copy of a (V, D) output projection, for inference only: on CPU, hidden @ W^T
+    from that layout ran 2.2x faster at one row (bandwidth-bound) and no slower at 450 rows than
+    F.linear on the (V, D) weight. Refreshed whenever the weight changes (its version counter)."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def project(self, hidden, weight):
+        if torch.is_grad_enabled():  # training: autograd must see the weight itself
+            return F.linear(hidden, weight)
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        if key != self.key:
+            self.key, self.value = key, weight.detach().t().contiguous()
+        return hidden @ self.value.to(hidden.dtype)
+
+
 def normalize_logits(logits):
     """logits (..., V) -> log P(next token) in float32; PAD and BOS are never outputs.
 
@@ -202,6 +219,7 @@ class Transformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.enc_norm, self.dec_norm = nn.LayerNorm(d), nn.LayerNorm(d)
         self.output = None if cfg.tie_embeddings else nn.Linear(d, vocab_size, bias=False)
+        self._output_t = TransposedWeight()
         self._init_weights()
 
     @property
@@ -249,9 +267,10 @@ class Transformer(nn.Module):
 
     def logits(self, hidden):
         """(..., D) -> (..., V)."""
-        if self.output is not None:
+        if self.output is not None and type(self.output) is not nn.Linear:  # int8-quantized
             return self.output(hidden)
-        return F.linear(hidden, self.tgt_embed.weight)
+        weight = self.tgt_embed.weight if self.output is None else self.output.weight
+        return self._output_t.project(hidden, weight)
 
     normalize = staticmethod(normalize_logits)
 
