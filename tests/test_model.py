@@ -123,3 +123,14 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
     assert torch.equal(loaded.embed.weight, tied.embed.weight)
     with torch.no_grad():
         torch.testing.assert_close(loaded(SRC, TGT_IN), tied(SRC, TGT_IN))
+
+
+@torch.no_grad()
+def test_inference_projection_follows_weight_updates():
+    """Decoding projects onto a cached transpose of the output weight: it must equal F.linear and be
+    refreshed when the weight changes in place (an optimizer step, loading a checkpoint)."""
+    model = make_model()
+    hidden = torch.randn(3, 32)
+    torch.testing.assert_close(model.logits(hidden), F.linear(hidden, model.embed.weight))
+    model.embed.weight.mul_(2.0)
+    torch.testing.assert_close(model.logits(hidden), F.linear(hidden, model.embed.weight))
