@@ -33,6 +33,9 @@ class Group(click.Group):
 @click.version_option(package_name="mt")
 def main():
     """mt: train, run and evaluate autoregressive sequence models."""
+    from mt.runtime import keep_freed_memory
+
+    keep_freed_memory()  # CPU: reuse freed memory across steps (MT_MALLOC=system to opt out)
 
 
 # --- data -------------------------------------------------------------------------------------
