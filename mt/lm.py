@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
+from mt.dropout import Dropout
 from mt.model import EncoderLayer, KVCache, TransposedWeight, count_parameters, normalize_logits, sinusoids
 from mt.tokenizer import BOS, PAD
 
@@ -60,7 +61,7 @@ class DecoderLM(nn.Module):
         self.prefix_lm = cfg.arch == "prefix_lm"
         self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)
         self.register_buffer("positions", sinusoids(cfg.max_positions, cfg.d_model), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))  # used causally
         self.norm = nn.LayerNorm(cfg.d_model)
         self.output = None  # tied to the embedding; a separate (quantized) copy only for int8 inference

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
+from mt.dropout import Dropout, dropout
 from mt.tokenizer import BOS, PAD
 
 # cuDNN's attention builds a new plan for every new (batch, length) shape: ~0.4 s each on an H100,
@@ -168,7 +169,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         h = F.relu(self.up(x))
         if self.dropout and self.training:  # skipped entirely when 0: dropout costs time on CPU
-            h = F.dropout(h, self.dropout, True)
+            h = dropout(h, self.dropout)
         return self.down(h)
 
 
@@ -180,7 +181,7 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg.d_model, cfg.heads, cfg.attn_dropout)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn, cfg.activation_dropout)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, mask=None, *, causal=False, cache=None, layer=0):
         x = x + self.drop(self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache, layer=layer))
@@ -195,7 +196,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = SelfAttention(d, cfg.heads, cfg.attn_dropout)
         self.cross_attn = CrossAttention(d, cfg.heads, cfg.attn_dropout)
         self.ffn = FeedForward(d, cfg.ffn, cfg.activation_dropout)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, memory_k, memory_v, memory_mask, *, cache=None, layer=0):
         x = x + self.drop(self.self_attn(self.norm1(x), causal=True, cache=cache, layer=layer))
@@ -214,7 +215,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD)
         self.tgt_embedding = None if cfg.tie_embeddings else nn.Embedding(vocab_size, d, padding_idx=PAD)
         self.register_buffer("positions", sinusoids(cfg.max_positions, d), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.enc_norm, self.dec_norm = nn.LayerNorm(d), nn.LayerNorm(d)
