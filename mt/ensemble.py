@@ -19,6 +19,10 @@ class EnsembleCache:
     def __init__(self, caches: list):
         self.caches = caches
 
+    def expand(self, k: int) -> None:
+        for cache in self.caches:
+            cache.expand(k)
+
     def reorder(self, index: torch.Tensor, memory_index: torch.Tensor | None = None) -> None:
         for cache in self.caches:
             cache.reorder(index, memory_index)

@@ -34,6 +34,12 @@ class LMCache(KVCache):
         super().__init__(self_k, self_v, [], [], None)
         self.key_mask, self.pos, self.pending = key_mask, pos, pending
 
+    def expand(self, k: int) -> None:
+        super().expand(k)  # repeats key_mask too
+        self.pos = self.pos.repeat_interleave(k, 0)
+        if self.pending is not None:
+            self.pending = self.pending.repeat_interleave(k, 0)
+
     def reorder(self, index, memory_index=None):
         super().reorder(index)
         self.key_mask, self.pos = self.key_mask[index], self.pos[index]
@@ -145,6 +151,11 @@ class LinearCache:
 
     def __init__(self, total, count, pending):
         self.total, self.count, self.pending, self.length = total, count, pending, 0
+
+    def expand(self, k: int) -> None:
+        self.total, self.count = self.total.repeat_interleave(k, 0), self.count.repeat_interleave(k, 0)
+        if self.pending is not None:
+            self.pending = self.pending.repeat_interleave(k, 0)
 
     def reorder(self, index, memory_index=None):
         self.total, self.count = self.total[index], self.count[index]

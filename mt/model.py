@@ -82,6 +82,19 @@ class KVCache:
         self.length = 0
         self.key_mask = None  # (B, 1, 1, Tmax) False at padded prefix positions (decoder-only models)
 
+    def expand(self, k: int) -> None:
+        """Repeat every decoder row k times (row r becomes rows r*k .. r*k+k-1): beam search runs its
+        first step once per sentence, then branches. The source rows stay shared (group grows k-fold)."""
+        n = self.length
+        for store in (self.self_k, self.self_v):
+            for i, buf in enumerate(store):
+                grown = buf.new_empty((buf.shape[0] * k,) + buf.shape[1:])
+                grown[:, :, :n] = buf[:, :, :n].repeat_interleave(k, 0)
+                store[i] = grown
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.repeat_interleave(k, 0)
+        self.group *= k
+
     def reorder(self, index: torch.Tensor, memory_index: torch.Tensor | None = None) -> None:
         """Keep decoder rows `index` (copying only the filled part of the cache); `memory_index`
         keeps source rows, needed only when sentences are dropped (rows of sentence b: b*g .. b*g+g-1)."""

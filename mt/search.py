@@ -3,6 +3,7 @@
 Every routine drives a model through two calls: `model.new_cache(src, max_len)` (encode once,
 preallocate the key/value cache) and `model.step(tokens, cache)` -> next-token log-probs (B, V).
 Finished sentences are dropped from the batch (`cache.reorder`), so they cost nothing afterwards.
+Beam search runs its first step once per sentence and then repeats each row k times (`cache.expand`).
 Sampling draws one counter-based uniform per (seed, sentence id, step): the same seed and input give
 the same output whatever the batch size or order.
 """
@@ -120,17 +121,22 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
     B, k = src.shape[0], beam_size
     max_lens = max_lens.to(torch.long)
     T = int(max_lens.max()) + 1
-    cache = model.new_cache(src, T, group=k)  # encoded once; k decoder rows per source row
+    # encoded once; the first step runs one row per sentence (its k hypotheses would all be BOS),
+    # then cache.expand gives each source row its k decoder rows
+    cache = model.new_cache(src, T)
     alive = torch.arange(B)                                                # sentence of each live row-block
     scores = torch.full((B, k), float("-inf"))
     scores[:, 0] = 0.0
     hist_tok = torch.zeros(B * k, 0, dtype=torch.long)                    # (b*k, t) tokens so far
     hist_lp = torch.zeros(B * k, 0)                                        # their per-step log-probs
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    tokens = torch.full((B * k, 1), BOS, dtype=torch.long, device=src.device)
+    tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
     for t in range(T):
         b = len(alive)
-        lp = model.step(tokens, cache).cpu()                               # (b*k, V)
+        lp = model.step(tokens, cache).cpu()                               # (b*k, V); (b, V) at t = 0
+        if t == 0:
+            lp = lp.repeat_interleave(k, 0)  # rows 1..k-1 of a sentence score -inf: only row 0 counts
+            cache.expand(k)
         V = lp.shape[1]
         force = (max_lens[alive] <= t).repeat_interleave(k)
         if force.any():  # at the length limit only EOS may follow

@@ -40,6 +40,23 @@ def test_cached_steps_equal_full_forward(arch):
     assert torch.allclose(masked(full), masked(steps), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["prefix_lm", "decoder_only", "linear"])
+def test_expanded_cache_equals_grouped_cache(arch):
+    """Beam search's first step: one row per prompt, then cache.expand(k), equals k rows from the start
+    (padded prompts and the pending prompt token included)."""
+    model, k = lm(arch, seed=4), 3
+    src = torch.tensor([[5, 6, 7, EOS], [8, 9, EOS, PAD]]) if arch == "prefix_lm" else torch.tensor([[10, 11, 12], [13, PAD, PAD]])
+    tgt = torch.tensor([[BOS, 10, 11, 12], [BOS, 13, 14, 15]]).repeat_interleave(k, 0)
+    with torch.no_grad():
+        grouped, single = model.new_cache(src, 6, group=k), model.new_cache(src, 6)
+        first = model.step(tgt[::k, :1], single)
+        assert torch.allclose(masked(first.repeat_interleave(k, 0)), masked(model.step(tgt[:, :1], grouped)), atol=1e-5)
+        single.expand(k)
+        for t in range(1, 4):
+            assert torch.allclose(masked(model.step(tgt[:, t:t + 1], single)),
+                                  masked(model.step(tgt[:, t:t + 1], grouped)), atol=1e-5)
+
+
 def test_prefix_lm_ignores_source_padding():
     """A prefix-LM sentence scores the same alone and beside a longer (padding-inducing) one."""
     model = lm("prefix_lm", seed=2)

@@ -107,6 +107,25 @@ def test_grouped_cache_matches_repeated_source(tiny_model):
                                    tiny_model.step(tgt[keep, t:t + 1], plain), atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
+def test_expanded_cache_equals_grouped_cache(tiny_model):
+    """Beam search's first step runs one row per sentence and then cache.expand(k): the same cache as
+    k rows per sentence from the start, also after reordering and dropping a sentence."""
+    k = 3
+    tgt = TGT_IN.repeat_interleave(k, dim=0)
+    grouped, single = tiny_model.new_cache(SRC, TGT_IN.shape[1], group=k), tiny_model.new_cache(SRC, TGT_IN.shape[1])
+    first = tiny_model.step(TGT_IN[:, :1], single)
+    torch.testing.assert_close(first.repeat_interleave(k, 0), tiny_model.step(tgt[:, :1], grouped), atol=1e-5, rtol=0)
+    single.expand(k)
+    assert single.group == k and single.length == 1 and single.self_k[0].shape[0] == len(tgt)
+    keep = torch.tensor([2, 2, 0, 7, 6, 8])  # sentence 1 dropped
+    for cache in (single, grouped):
+        cache.reorder(keep, torch.tensor([0, 2]))
+    for t in range(1, TGT_IN.shape[1]):
+        torch.testing.assert_close(tiny_model.step(tgt[keep, t:t + 1], single),
+                                   tiny_model.step(tgt[keep, t:t + 1], grouped), atol=1e-5, rtol=0)
+
+
 def test_tied_embeddings_share_one_tensor(tmp_path):
     """With tie_embeddings, source/target embeddings and the output projection are one tensor (also after a save/load)."""
     tied, untied = make_model(tie_embeddings=True), make_model(tie_embeddings=False)

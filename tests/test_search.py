@@ -27,6 +27,9 @@ class ScriptedCache:
         self.rows = [(k, ()) for k in keys]
         self.length = 0
 
+    def expand(self, k):
+        self.rows = [row for row in self.rows for _ in range(k)]
+
     def reorder(self, index, memory_index=None):
         self.rows = [self.rows[i] for i in index.tolist()]
 
