@@ -2,8 +2,9 @@
 
 Training calls `forward(src, tgt_in)`. Decoding calls `encode` once per batch, `new_cache` to
 preallocate the decoder's self-attention keys/values and hold the cross-attention keys/values of the
-encoder output (computed once), then `step` per generated token; `cache.reorder(index)` follows beam
-search and drops finished sentences. Attention goes through torch's scaled_dot_product_attention.
+encoder output (computed once), then `step` per generated token; `cache.expand(k)` branches each row
+into k beam hypotheses after the first step, `cache.reorder(index)` follows beam search and drops
+finished sentences. Attention goes through torch's scaled_dot_product_attention.
 Shapes: B batch, S source length, T target length, H heads, D width, Dh head width, V vocabulary.
 """
 from __future__ import annotations
