@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from mt.config import ModelConfig
 from mt.dropout import Dropout
-from mt.model import EncoderLayer, KVCache, TransposedWeight, count_parameters, normalize_logits, sinusoids
+from mt.linear import Linear, PackedWeight
+from mt.model import EncoderLayer, KVCache, count_parameters, normalize_logits, sinusoids
 from mt.tokenizer import BOS, PAD
 
 
@@ -71,7 +72,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))  # used causally
         self.norm = nn.LayerNorm(cfg.d_model)
         self.output = None  # tied to the embedding; a separate (quantized) copy only for int8 inference
-        self._output_t = TransposedWeight()
+        self._tied_output = PackedWeight(one_row_transposed=True)
         for name, p in self.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 nn.init.xavier_uniform_(p)
@@ -86,7 +87,7 @@ class DecoderLM(nn.Module):
         return count_parameters(self, [self.embed] if non_embedding else [])
 
     def logits(self, hidden):
-        return self.output(hidden) if self.output is not None else self._output_t.project(hidden, self.embed.weight)
+        return self.output(hidden) if self.output is not None else self._tied_output.linear(hidden, self.embed.weight)
 
     def log_probs(self, hidden):
         return normalize_logits(self.logits(hidden))
@@ -174,7 +175,7 @@ class LinearLM(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)   # W
-        self.output = nn.Linear(cfg.d_model, vocab_size, bias=False)         # V^T
+        self.output = Linear(cfg.d_model, vocab_size, bias=False)         # V^T
         nn.init.normal_(self.embed.weight, std=cfg.d_model ** -0.5)
         nn.init.zeros_(self.embed.weight[PAD])
 

@@ -17,11 +17,15 @@ import torch.nn.functional as F
 
 from mt.config import ModelConfig
 from mt.dropout import Dropout, dropout
+from mt.linear import Linear, PackedWeight
 from mt.tokenizer import BOS, PAD
 
 # cuDNN's attention builds a new plan for every new (batch, length) shape: ~0.4 s each on an H100,
 # and token-budget batches bring new shapes all the time. Flash / memory-efficient kernels do not.
 torch.backends.cuda.enable_cudnn_sdp(False)
+
+# oneDNN's per-call cost outweighs its faster kernel for a layer's linears below this many rows (CPU)
+LAYER_MIN_ROWS = 128
 
 
 def sinusoids(n: int, d: int) -> torch.Tensor:
@@ -37,23 +41,6 @@ def sinusoids(n: int, d: int) -> torch.Tensor:
 def count_parameters(model: nn.Module, exclude: list[nn.Module]) -> int:
     """Parameters of `model`, less those of the `exclude` modules (e.g. embeddings)."""
     return sum(p.numel() for p in model.parameters()) - sum(p.numel() for m in exclude for p in m.parameters())
-
-
-class TransposedWeight:
-    """A contiguous (D, V) copy of a (V, D) output projection, for inference only: on CPU, hidden @ W^T
-    from that layout ran 2.2x faster at one row (bandwidth-bound) and no slower at 450 rows than
-    F.linear on the (V, D) weight. Refreshed whenever the weight changes (its version counter)."""
-
-    def __init__(self):
-        self.key, self.value = None, None
-
-    def project(self, hidden, weight):
-        if torch.is_grad_enabled():  # training: autograd must see the weight itself
-            return F.linear(hidden, weight)
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
-        if key != self.key:
-            self.key, self.value = key, weight.detach().t().contiguous()
-        return hidden @ self.value.to(hidden.dtype)
 
 
 def normalize_logits(logits):
@@ -132,8 +119,8 @@ class SelfAttention(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(d, 3 * d)  # fused projection: one matmul instead of three
-        self.out = nn.Linear(d, d)
+        self.qkv = Linear(d, 3 * d, min_rows=LAYER_MIN_ROWS)  # fused projection: one matmul instead of three
+        self.out = Linear(d, d, min_rows=LAYER_MIN_ROWS)
 
     def forward(self, x, *, mask=None, causal=False, cache: KVCache | None = None, layer: int = 0):
         B, T, D = x.shape
@@ -155,9 +142,9 @@ class CrossAttention(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.q = nn.Linear(d, d)
-        self.kv = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, d)
+        self.q = Linear(d, d, min_rows=LAYER_MIN_ROWS)
+        self.kv = Linear(d, 2 * d, min_rows=LAYER_MIN_ROWS)
+        self.out = Linear(d, d, min_rows=LAYER_MIN_ROWS)
 
     def project_memory(self, memory):
         """(B, S, D) -> keys, values (B, H, S, Dh): computed once per source batch when decoding."""
@@ -178,7 +165,9 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, d: int, hidden: int, dropout: float):
         super().__init__()
-        self.up, self.down, self.dropout = nn.Linear(d, hidden), nn.Linear(hidden, d), dropout
+        self.up = Linear(d, hidden, min_rows=LAYER_MIN_ROWS)
+        self.down = Linear(hidden, d, min_rows=LAYER_MIN_ROWS)
+        self.dropout = dropout
 
     def forward(self, x):
         h = F.relu(self.up(x))
@@ -233,8 +222,8 @@ class Transformer(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.enc_norm, self.dec_norm = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.output = None if cfg.tie_embeddings else nn.Linear(d, vocab_size, bias=False)
-        self._output_t = TransposedWeight()
+        self.output = None if cfg.tie_embeddings else Linear(d, vocab_size, bias=False)
+        self._tied_output = PackedWeight(one_row_transposed=True)
         self._init_weights()
 
     @property
@@ -282,10 +271,9 @@ class Transformer(nn.Module):
 
     def logits(self, hidden):
         """(..., D) -> (..., V)."""
-        if self.output is not None and type(self.output) is not nn.Linear:  # int8-quantized
+        if self.output is not None:  # untied, or an int8-quantized copy
             return self.output(hidden)
-        weight = self.tgt_embed.weight if self.output is None else self.output.weight
-        return self._output_t.project(hidden, weight)
+        return self._tied_output.linear(hidden, self.tgt_embed.weight)
 
     normalize = staticmethod(normalize_logits)
 

@@ -7,6 +7,7 @@ iterable lazily, one window at a time, and yields results in input order as each
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
 import warnings
@@ -21,6 +22,7 @@ from mt.checkpoint import load_run
 from mt.config import LM_ARCHS, Config
 from mt.ensemble import Ensemble
 from mt.errors import MTError
+from mt.linear import Linear
 from mt.scoring import PairScore, perplexities, score_ids
 from mt.search import Hypothesis, beam_search, generate
 from mt.tokenizer import EOS, PAD, Tokenizer
@@ -29,7 +31,11 @@ from mt.tokenizer import EOS, PAD, Tokenizer
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Dynamic int8 quantization of every linear layer, the tied output projection included: weights
     stored int8 with one scale per output row (per channel: a row far smaller than the largest keeps
-    its precision), activations quantized per batch. CPU inference only."""
+    its precision), activations quantized per batch. CPU inference only. Returns a converted copy."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is Linear:  # quantize_dynamic converts exact nn.Linear only; the parameters are the same
+            m.__class__ = nn.Linear
     if getattr(model, "output", "absent") is None:  # tied: give the projection a weight of its own
         emb = model.tgt_embed if hasattr(model, "tgt_embed") else model.embed
         model.output = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False)
@@ -37,7 +43,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     per_channel = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
     with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; they still work
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, per_channel, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, per_channel, dtype=torch.qint8, inplace=True)
 
 
 def clean_line(text: str) -> str:
