@@ -1,6 +1,9 @@
 """mt.linear: float32 CPU inference on oneDNN-packed weights must equal F.linear; training is untouched."""
 import copy
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,3 +128,10 @@ def test_model_decoding_matches_the_training_path():
         cache = model.new_cache(src, 8)
         got = torch.stack([model.step(tgt[:, i:i + 1], cache)[0] for i in range(tgt.shape[1])])
     assert (got.exp() - ref.detach().exp()).abs().max() < 1e-5   # PAD and BOS are -inf in both
+
+
+def test_mt_onednn_0_turns_the_path_off():
+    code = "import mt.linear as L; print(L._ONEDNN is None)"
+    env = {**os.environ, "MT_ONEDNN": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
