@@ -4,9 +4,8 @@ On this project's CPU (AMD EPYC, AVX2), torch's default matmul (MKL) is slow for
 the vocabulary projection (8,000 x 256) ran 5x faster at 5 rows and 1.3x at 450 rows through oneDNN
 on a pre-packed weight. But each oneDNN call costs ~45 us more, so small layers at few rows stay on
 MKL, and one row (batch-1 decoding) of the vocabulary projection reads a transposed copy (docs/tuning.md).
-The price is memory: oneDNN keeps per-shape state, +0.2-0.3 GB peak RSS over a test set's beam search
-(bounded: repeated shapes reuse it); `MT_ONEDNN=0` turns the path off. Training keeps `F.linear`
-(autograd; no gain at training batch sizes).
+oneDNN keeps a compiled kernel per input shape; its caches are capped below to bound memory.
+`MT_ONEDNN=0` turns the path off. Training keeps `F.linear` (autograd; no gain at training sizes).
 """
 from __future__ import annotations
 
@@ -27,6 +26,13 @@ def _onednn_ops():
 
 
 _ONEDNN = _onednn_ops()
+
+# oneDNN and torch's ideep layer each cache a compiled kernel per input shape (~0.6 MB each, up to 1,024
+# by default). Decoding meets a new row count at almost every step, so big caches hold memory (+0.3 GB
+# over a test set's beam search) and little else; 16 entries cover a step's layers. Both are read at
+# their first use, after this import; a value the user set wins.
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, "16")
 
 
 def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
