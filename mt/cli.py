@@ -87,6 +87,22 @@ def average(run, last, out):
     click.echo(f"mt: averaged {len(used)} snapshots ({used[0].stem} .. {used[-1].stem}) into {out}", err=True)
 
 
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--to", "fmt", type=click.Choice(["ctranslate2"]), default="ctranslate2", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New model directory.")
+@click.option("--checkpoint", "weights", type=click.Choice(["model", "last", "averaged"]), default="model",
+              show_default=True, help="Which weights of RUN.")
+@click.option("--quantization", type=click.Choice(["int8", "int8_float32", "int16", "float16"]), default=None,
+              help="Store the weights quantized (CTranslate2 can also quantize at load time).")
+def export(run, fmt, out, weights, quantization):
+    """Export an encoder-decoder RUN for another runtime (CTranslate2: pip install "mt[ctranslate2]")."""
+    from mt.export import export_ctranslate2
+
+    path = export_ctranslate2(run, out, weights=weights, quantization=quantization)
+    click.echo(f"mt: wrote a CTranslate2 model to {path} (tokenize with {path}/spm.model, append </s>)", err=True)
+
+
 # --- translate --------------------------------------------------------------------------------
 @main.command()
 @decode_options()

@@ -1,0 +1,105 @@
+"""Export a trained encoder-decoder run to CTranslate2, for serving from C++ or Python with its runtime.
+
+The model is rebuilt as CTranslate2's own pre-norm transformer spec: fused self-attention QKV, fused
+cross-attention KV, our sinusoid table as the position table, LayerNorm epsilon 1e-5, tied or untied
+embeddings. Tokens are the run's SentencePiece pieces (ids 0-3 named <pad> <unk> <s> </s>), so a
+client encodes with OUT/spm.model, appends "</s>" to the source, and decodes the pieces it gets back.
+Needs the optional `ctranslate2` package (pip install "mt[ctranslate2]").
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mt.checkpoint import load_run
+from mt.errors import MTError
+
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")  # mt's pinned ids 0-3 (mt.tokenizer)
+
+
+def _numpy(t):
+    return t.detach().float().cpu().numpy()
+
+
+def _linear(spec, module) -> None:
+    spec.weight = _numpy(module.weight)
+    if module.bias is not None:
+        spec.bias = _numpy(module.bias)
+
+
+def _norm(spec, module) -> None:
+    spec.gamma, spec.beta = _numpy(module.weight), _numpy(module.bias)
+
+
+def build_spec(model, pieces: list[str]):
+    """A ctranslate2 TransformerSpec holding `model`'s weights (an mt Transformer)."""
+    try:
+        from ctranslate2.specs import transformer_spec
+    except ImportError:
+        raise MTError('exporting to CTranslate2 needs the ctranslate2 package: pip install "mt[ctranslate2]"') from None
+    cfg = model.cfg
+    spec = transformer_spec.TransformerSpec.from_config((cfg.enc_layers, cfg.dec_layers), cfg.heads, pre_norm=True)
+    spec.config.layer_norm_epsilon = model.enc_norm.eps
+    positions = _numpy(model.positions)
+    spec.encoder.embeddings[0].weight = _numpy(model.embed.weight)
+    spec.encoder.position_encodings.encodings = positions
+    spec.decoder.embeddings.weight = _numpy(model.tgt_embed.weight)
+    spec.decoder.position_encodings.encodings = positions
+    spec.decoder.projection.weight = _numpy(model.output.weight if model.output is not None else model.tgt_embed.weight)
+    _norm(spec.encoder.layer_norm, model.enc_norm)
+    _norm(spec.decoder.layer_norm, model.dec_norm)
+    for layer, ours in zip(spec.encoder.layer, model.encoder):
+        _norm(layer.self_attention.layer_norm, ours.norm1)
+        _linear(layer.self_attention.linear[0], ours.attn.qkv)  # rows: queries, keys, values (CT2's order)
+        _linear(layer.self_attention.linear[1], ours.attn.out)
+        _norm(layer.ffn.layer_norm, ours.norm2)
+        _linear(layer.ffn.linear_0, ours.ffn.up)
+        _linear(layer.ffn.linear_1, ours.ffn.down)
+    for layer, ours in zip(spec.decoder.layer, model.decoder):
+        _norm(layer.self_attention.layer_norm, ours.norm1)
+        _linear(layer.self_attention.linear[0], ours.self_attn.qkv)
+        _linear(layer.self_attention.linear[1], ours.self_attn.out)
+        _norm(layer.attention.layer_norm, ours.norm2)
+        _linear(layer.attention.linear[0], ours.cross_attn.q)
+        _linear(layer.attention.linear[1], ours.cross_attn.kv)  # rows: keys, values
+        _linear(layer.attention.linear[2], ours.cross_attn.out)
+        _norm(layer.ffn.layer_norm, ours.norm3)
+        _linear(layer.ffn.linear_0, ours.ffn.up)
+        _linear(layer.ffn.linear_1, ours.ffn.down)
+    vocab = list(SPECIALS) + pieces[len(SPECIALS):]
+    spec.register_source_vocabulary(vocab)
+    spec.register_target_vocabulary(vocab)
+    spec.config.decoder_start_token = "<s>"
+    return spec
+
+
+def export_ctranslate2(run: str | Path, out: str | Path, *, weights: str = "model",
+                       quantization: str | None = None) -> Path:
+    """Write RUN as a CTranslate2 model directory OUT (with spm.model and mt_export.json beside it)."""
+    cfg, model, tok = load_run(run, weights=weights)
+    if cfg.model.arch != "transformer":
+        raise MTError(f"{run}: only encoder-decoder runs (model.arch: transformer) export to CTranslate2, "
+                      f"not {cfg.model.arch}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MTError(f"{out}: exists and is not empty")
+    sp = tok.sp
+    spec = build_spec(model, [sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    tmp = out.with_name(out.name + ".tmp")  # a half-written model never sits at OUT
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    spec.save(str(tmp))
+    shutil.copy(Path(run) / "spm.model", tmp / "spm.model")
+    dc = cfg.decode
+    (tmp / "mt_export.json").write_text(json.dumps({
+        "source": str(run), "weights": weights, "quantization": quantization,
+        "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang, "lowercase": cfg.data.lowercase,
+        "beam_size": dc.beam_size, "length_penalty": dc.length_penalty,
+        "max_len_a": dc.max_len_a, "max_len_b": dc.max_len_b}, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
