@@ -25,7 +25,9 @@ def decode_options(*, model_required: bool = True):
         click.option("--max-len-a", type=float, default=None, help="Max output length = a * src len + b."),
         click.option("--max-len-b", type=int, default=None),
         click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
-                     help="Source tokens x beam per batch."),
+                     help="Source tokens x beam per batch (default: the run's decode.batch_tokens)."),
+        click.option("--batch-sentences", type=click.IntRange(min=1), default=None,
+                     help="At most this many sentences per batch (default: decode.max_batch_sentences)."),
         click.option("--checkpoint", "weights", type=click.Choice(["model", "last", "averaged"]), default="model",
                      show_default=True, help="Best (model), latest (last) or averaged (mt average) weights."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
@@ -40,12 +42,14 @@ def decode_options(*, model_required: bool = True):
     return decorate
 
 
-def load_translator(run, weights, device, batch_tokens, quantize=None):
+def load_translator(run, weights, device, batch_tokens, quantize=None, batch_sentences=None):
     from mt.translate import Translator
 
     t = Translator.load(run, device=device, weights=weights, quantize=quantize)
     if batch_tokens:
         t.cfg.decode.batch_tokens = batch_tokens
+    if batch_sentences:
+        t.cfg.decode.max_batch_sentences = batch_sentences
     return t
 
 

@@ -132,3 +132,30 @@ def test_library_load_and_translate(trained_run):
     assert len(out) == 3 and all(isinstance(s, str) for s in out) and out[1] == ""
     assert t.translate([]) == []
     assert t.translate(["A dog runs."], beam_size=1) == t.translate(["A dog runs."], beam_size=1)
+
+
+def test_batch_options_bound_the_batches_and_keep_the_output(trained_run, multi30k_dir, monkeypatch):
+    """--batch-tokens / --batch-sentences change how sentences are grouped, never what is written."""
+    lines = gzip.open(multi30k_dir / "val.en.gz", "rt", encoding="utf-8").read().splitlines()[:12]
+    text = "\n".join(lines) + "\n"
+    default = mt_cli("translate", "-m", trained_run, "--greedy", input=text)
+    assert default.exit_code == 0, default.output
+    sizes = []
+    from mt.translate import Translator
+    batches = Translator._batches
+
+    def spy(self, *args):
+        for batch in batches(self, *args):
+            sizes.append(len(batch))
+            yield batch
+    monkeypatch.setattr(Translator, "_batches", spy)
+    small = mt_cli("translate", "-m", trained_run, "--greedy", "--batch-sentences", 5, input=text)
+    assert small.exit_code == 0, small.output
+    assert small.stdout == default.stdout
+    assert max(sizes) == 5 and sum(sizes) == 12
+    sizes.clear()
+    one = mt_cli("translate", "-m", trained_run, "--greedy", "--batch-tokens", 1, input=text)
+    assert one.stdout == default.stdout and sizes == [1] * 12  # a sentence over budget still gets a batch
+    bench = mt_cli("bench", "translate", "-m", trained_run, "--src", multi30k_dir / "val.en.gz",
+                   "--beam", 1, "--batch-sentences", 7, "--repeats", 1, "--json")
+    assert bench.exit_code == 0, bench.output
