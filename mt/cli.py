@@ -96,11 +96,13 @@ def average(run, last, out):
 @click.option("--quantization", type=click.Choice(["int8", "int8_float32", "int16", "float16"]), default=None,
               help="Store the weights quantized (CTranslate2 can also quantize at load time).")
 def export(run, fmt, out, weights, quantization):
-    """Export an encoder-decoder RUN for another runtime (CTranslate2: pip install "mt[ctranslate2]")."""
+    """Export RUN for another runtime: CTranslate2 (pip install "mt[ctranslate2]"); an encoder-decoder
+    serves with its Translator, a decoder-only or prefix LM with its Generator."""
     from mt.export import export_ctranslate2
 
     path = export_ctranslate2(run, out, weights=weights, quantization=quantization)
-    click.echo(f"mt: wrote a CTranslate2 model to {path} (tokenize with {path}/spm.model, append </s>)", err=True)
+    click.echo(f"mt: wrote a CTranslate2 model to {path} (tokenizer: {path}/spm.model; input format: "
+               f"`python -c 'import mt.export; help(mt.export)'`)", err=True)
 
 
 # --- translate --------------------------------------------------------------------------------

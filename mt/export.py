@@ -1,9 +1,11 @@
-"""Export a trained encoder-decoder run to CTranslate2, for serving from C++ or Python with its runtime.
+"""Export a trained run to CTranslate2, for serving from C++ or Python with its runtime.
 
 The model is rebuilt as CTranslate2's own pre-norm transformer spec: fused self-attention QKV, fused
 cross-attention KV, our sinusoid table as the position table, LayerNorm epsilon 1e-5, tied or untied
-embeddings. Tokens are the run's SentencePiece pieces (ids 0-3 named <pad> <unk> <s> </s>), so a
-client encodes with OUT/spm.model, appends "</s>" to the source, and decodes the pieces it gets back.
+embeddings. Tokens are the run's SentencePiece pieces (ids 0-3 named <pad> <unk> <s> </s>).
+An encoder-decoder serves with ctranslate2.Translator: encode the source with OUT/spm.model, append
+"</s>". A decoder-only LM serves with ctranslate2.Generator from the prompt "<s>" + pieces; a prefix LM
+from pieces(x) + "</s>" "<s>" (how mt.lm.DecoderLM reads x EOS BOS y).
 Needs the optional `ctranslate2` package (pip install "mt[ctranslate2]").
 """
 from __future__ import annotations
@@ -32,16 +34,41 @@ def _norm(spec, module) -> None:
     spec.gamma, spec.beta = _numpy(module.weight), _numpy(module.bias)
 
 
+def _self_attention_layer(layer, ours) -> None:
+    """A pre-norm self-attention + feed-forward layer (mt's EncoderLayer) into CT2's layer spec."""
+    _norm(layer.self_attention.layer_norm, ours.norm1)
+    _linear(layer.self_attention.linear[0], ours.attn.qkv)  # rows: queries, keys, values (CT2's order)
+    _linear(layer.self_attention.linear[1], ours.attn.out)
+    _norm(layer.ffn.layer_norm, ours.norm2)
+    _linear(layer.ffn.linear_0, ours.ffn.up)
+    _linear(layer.ffn.linear_1, ours.ffn.down)
+
+
 def build_spec(model, pieces: list[str]):
-    """A ctranslate2 TransformerSpec holding `model`'s weights (an mt Transformer)."""
+    """A ctranslate2 model spec holding `model`'s weights: a TransformerSpec for an encoder-decoder,
+    a TransformerDecoderModelSpec (served by ctranslate2.Generator) for a decoder-only or prefix LM."""
     try:
         from ctranslate2.specs import transformer_spec
     except ImportError:
         raise MTError('exporting to CTranslate2 needs the ctranslate2 package: pip install "mt[ctranslate2]"') from None
     cfg = model.cfg
+    positions = _numpy(model.positions)
+    vocab = list(SPECIALS) + pieces[len(SPECIALS):]
+    if cfg.arch != "transformer":  # mt.lm.DecoderLM
+        spec = transformer_spec.TransformerDecoderModelSpec.from_config(cfg.dec_layers, cfg.heads, pre_norm=True)
+        spec.config.layer_norm_epsilon = model.norm.eps
+        spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = "<s>", "</s>", "<unk>"
+        dec = spec.decoder
+        dec.embeddings.weight = _numpy(model.embed.weight)
+        dec.position_encodings.encodings = positions
+        dec.projection.weight = _numpy(model.output.weight if model.output is not None else model.embed.weight)
+        _norm(dec.layer_norm, model.norm)
+        for layer, ours in zip(dec.layer, model.layers):
+            _self_attention_layer(layer, ours)
+        spec.register_vocabulary(vocab)
+        return spec
     spec = transformer_spec.TransformerSpec.from_config((cfg.enc_layers, cfg.dec_layers), cfg.heads, pre_norm=True)
     spec.config.layer_norm_epsilon = model.enc_norm.eps
-    positions = _numpy(model.positions)
     spec.encoder.embeddings[0].weight = _numpy(model.embed.weight)
     spec.encoder.position_encodings.encodings = positions
     spec.decoder.embeddings.weight = _numpy(model.tgt_embed.weight)
@@ -50,12 +77,7 @@ def build_spec(model, pieces: list[str]):
     _norm(spec.encoder.layer_norm, model.enc_norm)
     _norm(spec.decoder.layer_norm, model.dec_norm)
     for layer, ours in zip(spec.encoder.layer, model.encoder):
-        _norm(layer.self_attention.layer_norm, ours.norm1)
-        _linear(layer.self_attention.linear[0], ours.attn.qkv)  # rows: queries, keys, values (CT2's order)
-        _linear(layer.self_attention.linear[1], ours.attn.out)
-        _norm(layer.ffn.layer_norm, ours.norm2)
-        _linear(layer.ffn.linear_0, ours.ffn.up)
-        _linear(layer.ffn.linear_1, ours.ffn.down)
+        _self_attention_layer(layer, ours)
     for layer, ours in zip(spec.decoder.layer, model.decoder):
         _norm(layer.self_attention.layer_norm, ours.norm1)
         _linear(layer.self_attention.linear[0], ours.self_attn.qkv)
@@ -67,7 +89,6 @@ def build_spec(model, pieces: list[str]):
         _norm(layer.ffn.layer_norm, ours.norm3)
         _linear(layer.ffn.linear_0, ours.ffn.up)
         _linear(layer.ffn.linear_1, ours.ffn.down)
-    vocab = list(SPECIALS) + pieces[len(SPECIALS):]
     spec.register_source_vocabulary(vocab)
     spec.register_target_vocabulary(vocab)
     spec.config.decoder_start_token = "<s>"
@@ -78,9 +99,9 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, weights: str = "mode
                        quantization: str | None = None) -> Path:
     """Write RUN as a CTranslate2 model directory OUT (with spm.model and mt_export.json beside it)."""
     cfg, model, tok = load_run(run, weights=weights)
-    if cfg.model.arch != "transformer":
-        raise MTError(f"{run}: only encoder-decoder runs (model.arch: transformer) export to CTranslate2, "
-                      f"not {cfg.model.arch}")
+    if cfg.model.arch == "linear":
+        raise MTError(f"{run}: the linear bag-of-words LM has no CTranslate2 counterpart; "
+                      "transformer, decoder_only and prefix_lm runs export")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise MTError(f"{out}: exists and is not empty")
@@ -95,7 +116,7 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, weights: str = "mode
     shutil.copy(Path(run) / "spm.model", tmp / "spm.model")
     dc = cfg.decode
     (tmp / "mt_export.json").write_text(json.dumps({
-        "source": str(run), "weights": weights, "quantization": quantization,
+        "source": str(run), "arch": cfg.model.arch, "weights": weights, "quantization": quantization,
         "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang, "lowercase": cfg.data.lowercase,
         "beam_size": dc.beam_size, "length_penalty": dc.length_penalty,
         "max_len_a": dc.max_len_a, "max_len_b": dc.max_len_b}, indent=2) + "\n", encoding="utf-8")

@@ -70,11 +70,57 @@ def test_ctranslate2_greedy_output_equals_mt(exported, trained_run, multi30k_dir
     assert same >= len(src) - 2, f"{same} of {len(src)} identical"  # float order may flip a near-tie
 
 
-def test_export_refuses_a_non_empty_folder_and_a_language_model(trained_run, tmp_path, monkeypatch):
+def lm_run(trained_run, tmp_path, arch):
+    """A run directory holding a random DecoderLM (`arch`) over the trained run's tokenizer."""
+    import shutil
+
+    from mt import config
+    from mt.checkpoint import read_meta, save_config, save_weights
+    from mt.model import build_model
+
+    run = tmp_path / arch
+    run.mkdir()
+    shutil.copy(trained_run / "spm.model", run / "spm.model")
+    cfg = config.load(trained_run / "config.yaml", [f"model.arch={arch}", "model.dec_layers=2"])
+    meta = read_meta(trained_run)
+    save_config(cfg, run, **{k: v for k, v in meta.items() if k != "format"})
+    torch.manual_seed(0)
+    save_weights(build_model(cfg.model, meta["vocab_size"]), run / "model.safetensors")
+    return run
+
+
+@pytest.mark.parametrize("arch", ["decoder_only", "prefix_lm"])
+def test_language_models_export_to_a_generator_with_the_same_log_probs(trained_run, tmp_path, arch):
+    """A decoder-only LM reads BOS x; a prefix LM reads x EOS BOS y: CT2's Generator, given the same
+    tokens, scores each next token as mt's model does."""
+    from mt.tokenizer import BOS, EOS
+
+    run = lm_run(trained_run, tmp_path, arch)
+    out = tmp_path / f"{arch}-ct2"
+    result = mt_cli("export", run, "--out", out)
+    assert result.exit_code == 0, result.output
+    cfg, model, tok = load_run(run)
+    sp = tok.sp
+    x, y = sp.encode("A dog runs in the park."), sp.encode("Ein Hund rennt.")
+    if arch == "decoder_only":
+        src, tgt = torch.zeros(1, 0, dtype=torch.long), [BOS] + x + [EOS]
+    else:
+        src, tgt = torch.tensor([x + [EOS]]), [BOS] + y + [EOS]
+    with torch.inference_mode():
+        logits = model(src, torch.tensor([tgt[:-1]]))[0]
+    ours = logits.log_softmax(-1).gather(1, torch.tensor(tgt[1:])[:, None])[:, 0]
+    pieces = [sp.id_to_piece(i) for i in src[0].tolist() + tgt]
+    pieces = [{0: "<pad>", 1: "<unk>", 2: "<s>", 3: "</s>"}.get(i, p) for i, p in zip(src[0].tolist() + tgt, pieces)]
+    gen = ctranslate2.Generator(str(out), device="cpu", intra_threads=1)
+    theirs = gen.score_batch([pieces])[0].log_probs[-len(ours):]
+    assert torch.allclose(torch.tensor(theirs), ours, atol=1e-4), (theirs, ours)
+
+
+def test_export_refuses_a_non_empty_folder_and_the_linear_lm(trained_run, tmp_path, monkeypatch):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
     assert_one_line_error(mt_cli("export", trained_run, "--out", tmp_path / "busy"), "not empty")
     cfg, model, tok = load_run(trained_run)
-    cfg.model.arch = "decoder"
+    cfg.model.arch = "linear"
     monkeypatch.setattr("mt.export.load_run", lambda run, weights: (cfg, model, tok))
-    assert_one_line_error(mt_cli("export", trained_run, "--out", tmp_path / "lm"), "encoder-decoder")
+    assert_one_line_error(mt_cli("export", trained_run, "--out", tmp_path / "lm"), "linear bag-of-words")
