@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mt.checkpoint import load_run
+from mt.export import SPECIALS
 from mt.translate import Translator
 from test_cli import assert_one_line_error, mt_cli
 
@@ -109,8 +110,7 @@ def test_language_models_export_to_a_generator_with_the_same_log_probs(trained_r
     with torch.inference_mode():
         logits = model(src, torch.tensor([tgt[:-1]]))[0]
     ours = logits.log_softmax(-1).gather(1, torch.tensor(tgt[1:])[:, None])[:, 0]
-    pieces = [sp.id_to_piece(i) for i in src[0].tolist() + tgt]
-    pieces = [{0: "<pad>", 1: "<unk>", 2: "<s>", 3: "</s>"}.get(i, p) for i, p in zip(src[0].tolist() + tgt, pieces)]
+    pieces = [SPECIALS[i] if i < len(SPECIALS) else sp.id_to_piece(i) for i in src[0].tolist() + tgt]
     gen = ctranslate2.Generator(str(out), device="cpu", intra_threads=1)
     theirs = gen.score_batch([pieces])[0].log_probs[-len(ours):]
     assert torch.allclose(torch.tensor(theirs), ours, atol=1e-4), (theirs, ours)
