@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mt.cache import KVCache
 from mt.config import ModelConfig
 from mt.dropout import Dropout
 from mt.linear import Linear, PackedWeight
-from mt.model import EncoderLayer, KVCache, count_parameters, normalize_logits, sinusoids
+from mt.model import EncoderLayer, count_parameters, normalize_logits, sinusoids
 from mt.tokenizer import BOS, PAD
 
 

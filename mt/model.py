@@ -1,10 +1,9 @@
 """Pre-norm transformer encoder-decoder with an explicit key/value cache for incremental decoding.
 
-Training calls `forward(src, tgt_in)`. Decoding calls `encode` once per batch, `new_cache` to
-preallocate the decoder's self-attention keys/values and hold the cross-attention keys/values of the
-encoder output (computed once), then `step` per generated token; `cache.expand(k)` branches each row
-into k beam hypotheses after the first step, `cache.reorder(index)` follows beam search and drops
-finished sentences. Attention goes through torch's scaled_dot_product_attention.
+Training calls `forward(src, tgt_in)`. Decoding calls `new_cache` once per batch (encode, preallocate
+the decoder's self-attention keys/values, project the encoder output for cross-attention once), then
+`step` per generated token; the cache (mt.cache) branches and reorders rows for the search.
+Attention goes through torch's scaled_dot_product_attention.
 Shapes: B batch, S source length, T target length, H heads, D width, Dh head width, V vocabulary.
 """
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mt.cache import KVCache, cached_mask
 from mt.config import ModelConfig
 from mt.dropout import Dropout, dropout
 from mt.linear import Linear, PackedWeight
@@ -52,67 +52,6 @@ def normalize_logits(logits):
     logits[..., PAD] = float("-inf")
     logits[..., BOS] = float("-inf")
     return F.log_softmax(logits, dim=-1)
-
-
-class KVCache:
-    """Decoder state for incremental decoding.
-
-    self_k/self_v: per layer (B*g, H, Tmax, Dh), filled up to `length`. memory_k/memory_v: per layer
-    (B, H, S, Dh), the encoder output projected once; memory_mask: (B, 1, 1, S), True = attend.
-    g = `group` decoder rows (beam hypotheses) share one source row: their cross-attention queries
-    are folded into one (B, H, g, Dh) query block, so the source is never copied per hypothesis.
-    """
-
-    def __init__(self, self_k, self_v, memory_k, memory_v, memory_mask, group: int = 1):
-        self.self_k, self.self_v = self_k, self_v
-        self.memory_k, self.memory_v, self.memory_mask = memory_k, memory_v, memory_mask
-        self.group = group
-        self.length = 0
-        self.key_mask = None  # (B, 1, 1, Tmax) False at padded prefix positions (decoder-only models)
-
-    def expand(self, k: int) -> None:
-        """Repeat every decoder row k times (row r becomes rows r*k .. r*k+k-1): beam search runs its
-        first step once per sentence, then branches. The source rows stay shared (group grows k-fold)."""
-        n = self.length
-        for store in (self.self_k, self.self_v):
-            for i, buf in enumerate(store):
-                grown = buf.new_empty((buf.shape[0] * k,) + buf.shape[1:])
-                grown[:, :, :n] = buf[:, :, :n].repeat_interleave(k, 0)
-                store[i] = grown
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.repeat_interleave(k, 0)
-        self.group *= k
-
-    def reorder(self, index: torch.Tensor, memory_index: torch.Tensor | None = None) -> None:
-        """Keep decoder rows `index` (copying only the filled part of the cache); `memory_index`
-        keeps source rows, needed only when sentences are dropped (rows of sentence b: b*g .. b*g+g-1)."""
-        n, rows = self.length, len(index)
-        for store in (self.self_k, self.self_v):
-            for i, buf in enumerate(store):
-                # in place, into the first `rows` rows: no new buffer per step (the right side is
-                # gathered into a temporary first, so overlapping rows are safe)
-                buf[:rows, :, :n] = buf[index, :, :n]
-                store[i] = buf[:rows]
-        if memory_index is not None:
-            for store in (self.memory_k, self.memory_v):
-                for i, buf in enumerate(store):
-                    store[i] = buf.index_select(0, memory_index)
-            self.memory_mask = self.memory_mask.index_select(0, memory_index)
-
-
-def cached_mask(cache: KVCache, start: int, T: int, device):
-    """Attention mask for T new positions after `start` cached ones: causal, minus padded prefix
-    keys (cache.key_mask, decoder-only prefixes); each position always sees itself, so a padded
-    query never meets an all-masked row (which would give NaN)."""
-    key_mask = cache.key_mask[:, :, :, :start + T] if cache.key_mask is not None else None
-    if T == 1:
-        return key_mask
-    causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
-    if key_mask is None:
-        return causal
-    diag = torch.zeros(T, start + T, dtype=torch.bool, device=device)
-    diag[:, start:] = torch.eye(T, dtype=torch.bool, device=device)
-    return (causal & key_mask) | diag
 
 
 class SelfAttention(nn.Module):
@@ -298,7 +237,8 @@ class Transformer(nn.Module):
     def new_cache(self, src, max_len: int, group: int = 1) -> KVCache:
         """Encode `src` (B, S) once and preallocate room for `max_len` positions of B*group rows."""
         memory, mask = self.encode(src)
-        kv = [layer.cross_attn.project_memory(memory) for layer in self.decoder]
+        # contiguous: cache.reorder moves rows of them in place, and attention reads them every step
+        kv = [[t.contiguous() for t in layer.cross_attn.project_memory(memory)] for layer in self.decoder]
         B, H, L = src.shape[0] * group, self.cfg.heads, len(self.decoder)
         shape = (B, H, max_len, self.cfg.d_model // H)
         self_k = [memory.new_empty(shape) for _ in range(L)]

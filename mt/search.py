@@ -2,7 +2,8 @@
 
 Every routine drives a model through two calls: `model.new_cache(src, max_len)` (encode once,
 preallocate the key/value cache) and `model.step(tokens, cache)` -> next-token log-probs (B, V).
-Finished sentences are dropped from the batch (`cache.reorder`), so they cost nothing afterwards.
+Finished sentences are dropped from the batch (`cache.reorder`, which copies only the rows that
+move), so they cost nothing afterwards.
 Beam search runs its first step once per sentence and then repeats each row k times (`cache.expand`).
 Sampling draws one counter-based uniform per (seed, sentence id, step): the same seed and input give
 the same output whatever the batch size or order.
@@ -97,15 +98,25 @@ def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int 
         done = nxt == EOS
         if done.any():
             lengths[alive[done]] = t + 1
-            keep = (~done).nonzero().squeeze(1)
-            if len(keep) == 0:
+            if done.all():
                 break
+            keep = _fill_holes(done)
             keep_dev = keep.to(src.device)
             cache.reorder(keep_dev, keep_dev)
             alive, nxt = alive[keep], nxt[keep]
         tokens = nxt[:, None].to(src.device)
     return [_finish(out_tok[b, :lengths[b] - 1].tolist(), out_lp[b, :lengths[b]].tolist(), length_penalty)
             for b in range(B)]
+
+
+def _fill_holes(done: torch.Tensor) -> torch.Tensor:
+    """Rows to keep, in an order that leaves most of them in place: finished rows among the first n
+    (n = rows left) take the unfinished rows from the end, so the cache copies only those rows
+    (greedy search and sampling do not care about row order)."""
+    n = int((~done).sum())
+    index = torch.arange(n)
+    index[done[:n].nonzero().squeeze(1)] = (~done[n:]).nonzero().squeeze(1) + n
+    return index
 
 
 @torch.inference_mode()
@@ -179,7 +190,7 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
         done_t = torch.tensor(done)
         if done_t.all():
             break
-        keep_sent = (~done_t).nonzero().squeeze(1)
+        keep_sent = _fill_holes(done_t)  # sentence order does not matter; fewer source rows move
         rows = (keep_sent[:, None] * k + torch.arange(k)).view(-1)
         src_rows = src_rows[rows]
         cache.reorder(src_rows.to(src.device), None if len(keep_sent) == b else keep_sent.to(src.device))

@@ -1,4 +1,5 @@
 """Transformer: cached incremental decoding, causal and padding masks, cache reordering, tied embeddings."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,15 +70,17 @@ def test_source_padding_does_not_leak(tiny_model):
         torch.testing.assert_close(batched[b:b + 1], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [[2, 0, 2], [0, 2], [0, 1], [2]])  # all rows copied; one moved; none; one
 @torch.no_grad()
-def test_kv_cache_reorder_selects_rows(tiny_model):
-    """cache.reorder(index, index) keeps rows `index`: the cache and later steps equal a run on src[index]."""
-    index = torch.tensor([2, 0, 2])
+def test_kv_cache_reorder_selects_rows(tiny_model, rows):
+    """cache.reorder(index, index) keeps rows `index`: the cache and later steps equal a run on src[index]
+    (reorder copies only the rows that move when few do)."""
+    index = torch.tensor(rows)
     cache = tiny_model.new_cache(SRC, TGT_IN.shape[1])
     tiny_model.step(TGT_IN[:, :2], cache)
     before = [k[:, :, :2].clone() for k in cache.self_k]
     cache.reorder(index, index)
-    assert cache.length == 2 and cache.memory_mask.shape[0] == 3
+    assert cache.length == 2 and cache.memory_mask.shape[0] == len(rows)
     for old, new in zip(before, cache.self_k):
         torch.testing.assert_close(new[:, :, :2], old[index])
     torch.testing.assert_close(cache.memory_mask, (SRC[index] != PAD)[:, None, None, :])
