@@ -154,10 +154,13 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
             eos_lp = lp[force, EOS].clone()
             lp[force] = float("-inf")
             lp[force, EOS] = eos_lp
-        cand = (scores.view(-1, 1) + lp).view(b, k * V)
         n_cand = min(2 * k, k * V)
-        top_scores, top_idx = cand.topk(n_cand, dim=1)                    # (b, 2k)
-        beam, tok = top_idx // V, top_idx % V
+        # a sentence's best 2k of its k x V candidates are among each row's best 2k (a row adds one
+        # score to all its tokens): rank within rows first, then k x 2k candidates, not k x V
+        row_lp, row_tok = lp.topk(min(n_cand, V), dim=1)                  # (b*k, c)
+        c = row_lp.shape[1]
+        top_scores, pos = (scores.view(-1, 1) + row_lp).view(b, k * c).topk(n_cand, dim=1)  # (b, 2k)
+        beam, tok = pos // c, row_tok.view(b, k * c).gather(1, pos)
         is_eos = (tok == EOS) | ~torch.isfinite(top_scores)
         rank = torch.arange(n_cand)
         for i, j in ((tok == EOS) & torch.isfinite(top_scores) & (rank < k)).nonzero().tolist():
