@@ -115,9 +115,9 @@ def export(run, fmt, out, weights, quantization):
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Lines read ahead and sorted by length (default 1000; 1 when stdin is a terminal).")
 def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batch_tokens, batch_sentences,
-              weights, device, quantize, sample, temperature, top_k, top_p, seed, nbest, scores, window):
+              weights, device, quantize, compile_, sample, temperature, top_k, top_p, seed, nbest, scores, window):
     """Translate stdin to stdout, one output line per input line (N with --nbest), in order."""
-    t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences)
+    t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences, compile_)
     window = window or (1 if sys.stdin.isatty() else 1000)
     kwargs = search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b)
     n = nbest or 1

@@ -33,6 +33,9 @@ def decode_options(*, model_required: bool = True):
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--quantize", type=click.Choice(["int8"]), default=None,
                      help="Dynamic int8 linear layers (CPU)."),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="Greedy search one sentence at a time through a compiled decoder step: lowest "
+                          "latency (CPU; compiles for ~30 s first)."),
     ]
 
     def decorate(f):
@@ -42,10 +45,10 @@ def decode_options(*, model_required: bool = True):
     return decorate
 
 
-def load_translator(run, weights, device, batch_tokens, quantize=None, batch_sentences=None):
+def load_translator(run, weights, device, batch_tokens, quantize=None, batch_sentences=None, compile_=False):
     from mt.translate import Translator
 
-    t = Translator.load(run, device=device, weights=weights, quantize=quantize)
+    t = Translator.load(run, device=device, weights=weights, quantize=quantize, compile=compile_)
     if batch_tokens:
         t.cfg.decode.batch_tokens = batch_tokens
     if batch_sentences:

@@ -68,7 +68,7 @@ def score(run, src, tgt, text, weights, device, as_json):
 @decode_options(model_required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(bleu, chrf, lc_tok, lang, ppl, hyp, ref, text, src, run, beam_size, greedy, length_penalty, max_len_a, max_len_b,
-             batch_tokens, batch_sentences, weights, device, quantize, as_json):
+             batch_tokens, batch_sentences, weights, device, quantize, compile_, as_json):
     """Score hypotheses (--hyp) or a model's translations of --src against --ref."""
     from mt.metrics import corpus_scores, lc_tok_bleu
 
@@ -76,7 +76,7 @@ def evaluate(bleu, chrf, lc_tok, lang, ppl, hyp, ref, text, src, run, beam_size,
         if run is None:
             raise MTError("--text needs -m RUN")
         texts = read_text(text)
-        t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences)
+        t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences, compile_)
         result = t.perplexity([""] * len(texts), texts)
         click.echo(json.dumps({"ppl": result}) if as_json else format_ppl(result))
         return
@@ -94,7 +94,7 @@ def evaluate(bleu, chrf, lc_tok, lang, ppl, hyp, ref, text, src, run, beam_size,
         sources = read_text(src)
         if len(sources) != len(refs):
             raise MTError(f"{src} has {len(sources)} lines but {ref} has {len(refs)}")
-        t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences)
+        t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences, compile_)
     elif ppl:
         raise MTError("--ppl needs -m RUN and --src FILE")
     if want_bleu or chrf:
@@ -154,17 +154,18 @@ def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--device", default=None)
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 linear layers (CPU).")
+@click.option("--compile", "compile_", is_flag=True, help="Greedy search through a compiled step (see mt translate).")
 @click.option("--latency", type=click.IntRange(min=1), default=None, metavar="N",
               help="Batch-1 latency instead: the first N sentences one at a time, ms per token vs the "
                    "memory-bandwidth bound.")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_translate(run, src, beam_size, batch_tokens, batch_sentences, repeats, device, quantize, latency,
-                    sample, temperature, top_k, top_p, seed, as_json):
+def bench_translate(run, src, beam_size, batch_tokens, batch_sentences, repeats, device, quantize, compile_,
+                    latency, sample, temperature, top_k, top_p, seed, as_json):
     """Decoding speed: sentences/s and generated tokens/s (search, or --sample)."""
     from mt import bench as b
 
-    t = load_translator(run, "model", device, batch_tokens, quantize, batch_sentences)
+    t = load_translator(run, "model", device, batch_tokens, quantize, batch_sentences, compile_)
     if latency:
         result = b.bench_latency(t, read_text(src), beam_size=beam_size, n=latency)
         click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate --latency (beam {beam_size})", result)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from mt.checkpoint import load_run
+from mt.compiled import CompiledGreedy
 from mt.config import LM_ARCHS, Config
 from mt.ensemble import Ensemble
 from mt.errors import MTError
@@ -57,9 +58,12 @@ def clean_line(text: str) -> str:
 class Translator:
     """Translate with a trained model. All options are keyword-only; None means the run's decode config."""
 
-    def __init__(self, model, tokenizer: Tokenizer, cfg: Config, *, device: str = "cpu"):
+    def __init__(self, model, tokenizer: Tokenizer, cfg: Config, *, device: str = "cpu", compile: bool = False):
         self.model, self.tokenizer, self.cfg = model.to(device).eval(), tokenizer, cfg
         self.device = torch.device(device)
+        # batch-1 greedy search through a compiled step (mt.compiled): one sentence at a time, for latency
+        self.compiled = CompiledGreedy(self.model) if compile else None
+        self._told_uncompiled = False
         # leave room for EOS; longer inputs are truncated (with a warning)
         self.lm = cfg.model.arch in LM_ARCHS  # inputs are prompts to continue, not sentences to translate
         # leave room for EOS and the output (prefix LMs read source and target as one sequence)
@@ -68,9 +72,11 @@ class Translator:
 
     @classmethod
     def load(cls, run: str | Path | list, *, device: str | None = None, weights: str = "model",
-             quantize: str | None = None) -> "Translator":
+             quantize: str | None = None, compile: bool = False) -> "Translator":
         """`run`: a run directory, or a list of them to decode as an ensemble (mt.ensemble; the runs
-        must share their tokenizer). quantize="int8": dynamic int8 linear layers (CPU inference only)."""
+        must share their tokenizer). quantize="int8": dynamic int8 linear layers (CPU inference only).
+        compile: greedy search one sentence at a time through a compiled decoder step (mt.compiled:
+        lowest latency per sentence on CPU; beam search and sampling are unaffected)."""
         runs = [run] if isinstance(run, (str, Path)) else list(run)
         if quantize not in (None, "int8"):
             raise ValueError(f"unknown quantization {quantize!r} (int8)")
@@ -83,7 +89,10 @@ class Translator:
         model = models[0] if len(models) == 1 else Ensemble(models)
         if quantize:
             device = "cpu"
-        return cls(model, tok, cfg, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        elif compile:
+            device = device or "cpu"
+        return cls(model, tok, cfg, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                   compile=compile)
 
     # --- public API ------------------------------------------------------------------------
     def translate(self, sentences: list[str], *, beam_size: int | None = None,
@@ -170,13 +179,20 @@ class Translator:
                 ids_ = ids_[:self.max_src_tokens]
             src_ids[i] = ids_
         width = 1 if sample else dc.beam_size
-        for batch in self._batches(todo, src_ids, width, dc):
+        one_at_a_time = self.compiled is not None and not sample and dc.beam_size == 1
+        if self.compiled is not None and not one_at_a_time and not self._told_uncompiled:
+            self.warn("--compile speeds up greedy search (--greedy) only; this search runs uncompiled")
+            self._told_uncompiled = True
+        batches = ([i] for i in todo) if one_at_a_time else self._batches(todo, src_ids, width, dc)
+        for batch in batches:
             src = self._pad([src_ids[i] for i in batch])
             lens = torch.tensor([len(src_ids[i]) for i in batch])
             max_lens = (dc.max_len_a * lens + dc.max_len_b).long()
             used = lens + 1 if self.cfg.model.arch != "transformer" else torch.zeros_like(lens)
             max_lens = torch.minimum(max_lens, self.cfg.model.max_positions - 2 - used)  # positions left
-            if sample or dc.beam_size == 1:
+            if one_at_a_time:
+                res = [[self.compiled.search(src, int(max_lens[0]), dc.length_penalty)]]
+            elif sample or dc.beam_size == 1:
                 res = generate(self.model, src, max_lens, sample=sample, ids=[ids[i] for i in batch],
                                seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                                length_penalty=dc.length_penalty)
