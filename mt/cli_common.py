@@ -35,7 +35,7 @@ def decode_options(*, model_required: bool = True):
                      help="Dynamic int8 linear layers (CPU)."),
         click.option("--compile", "compile_", is_flag=True,
                      help="Greedy search one sentence at a time through a compiled decoder step: lowest "
-                          "latency (CPU; compiles for ~30 s first)."),
+                          "latency (CPU; compiles for up to ~40 s first)."),
     ]
 
     def decorate(f):
