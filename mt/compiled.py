@@ -61,19 +61,32 @@ class CompiledGreedy:
         names = [n for n in params if n.startswith("decoder.") and ".cross_attn.kv." not in n]
         names += ["dec_norm.weight", "dec_norm.bias"]
         tensors = [params[n] for n in names]
-        out_weight = model.tgt_embed.weight if model.output is None else model.output.weight
-        names += ["embed", "output", "positions"]
-        tensors += [model.tgt_embed.weight, out_weight, model.positions]
+        names += ["embed", "positions"] + (["output"] if model.output is not None else [])
+        tensors += [model.tgt_embed.weight, model.positions] + ([model.output.weight] if model.output is not None else [])
         self.offsets, start = {}, 0
         for name, t in zip(names, tensors):
             self.offsets[name] = (start, tuple(t.shape))
             start += t.numel()
+        self.offsets.setdefault("output", self.offsets["embed"])  # tied embeddings: one copy
         with torch.no_grad():
             self.flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
         # shapes static but for the two lengths marked dynamic at each call (self.offsets must stay
         # constants: dynamic=True would turn them into runtime arguments, ~30% slower kernels);
         # a C++ wrapper calls the kernels with less per-call cost than the Python one (7%)
-        self.step = torch.compile(self._step, fullgraph=True, options={"cpp_wrapper": True})
+        self.compiled_step = torch.compile(self._step, fullgraph=True, options={"cpp_wrapper": True})
+        self.ready = False
+
+    def step(self, *args):
+        if self.ready:
+            return self.compiled_step(*args)
+        try:
+            out = self.compiled_step(*args)
+        except Exception as e:  # e.g. no working C++ compiler for inductor: say so in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MTError(f"--compile: torch.compile failed ({type(e).__name__}: {first[:200]}); "
+                          "run without --compile") from e
+        self.ready = True
+        return out
 
     def _w(self, flat, name):
         start, shape = self.offsets[name]

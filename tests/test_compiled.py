@@ -68,3 +68,15 @@ def test_cli_translate_compile_matches_greedy(trained_run, multi30k_dir):
         outs.append(proc.stdout.splitlines())
     assert len(outs[1]) == len(lines) and outs[1][3] == ""
     assert outs[1] == outs[0]
+
+
+def test_cli_compile_without_a_compiler_is_one_line(trained_run, tmp_path):
+    import os
+
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "mt.cli", "translate", "-m", str(trained_run), "--greedy",
+                           "--compile"], input="A man.\n", capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert "--compile" in proc.stderr and "C++ compiler" in proc.stderr
