@@ -61,8 +61,11 @@ class CompiledGreedy:
         names = [n for n in params if n.startswith("decoder.") and ".cross_attn.kv." not in n]
         names += ["dec_norm.weight", "dec_norm.bias"]
         tensors = [params[n] for n in names]
-        names += ["embed", "positions"] + (["output"] if model.output is not None else [])
-        tensors += [model.tgt_embed.weight, model.positions] + ([model.output.weight] if model.output is not None else [])
+        names += ["embed", "positions"]
+        tensors += [model.tgt_embed.weight, model.positions]
+        if model.output is not None:  # untied output layer
+            names.append("output")
+            tensors.append(model.output.weight)
         self.offsets, start = {}, 0
         for name, t in zip(names, tensors):
             self.offsets[name] = (start, tuple(t.shape))
