@@ -10,11 +10,12 @@ from mt.errors import MTError
 __version__ = "0.1.0"
 
 
-def load(run: str, *, device: str | None = None, weights: str = "model"):
-    """Load a trained run directory as a Translator (see mt.translate.Translator)."""
+def load(run: str, *, device: str | None = None, weights: str = "model", quantize: str | None = None,
+         compile: bool = False):
+    """Load a trained run directory as a Translator (see mt.translate.Translator.load)."""
     from mt.translate import Translator
 
-    return Translator.load(run, device=device, weights=weights)
+    return Translator.load(run, device=device, weights=weights, quantize=quantize, compile=compile)
 
 
 __all__ = ["Config", "MTError", "load", "__version__"]
