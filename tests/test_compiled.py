@@ -80,3 +80,24 @@ def test_cli_compile_without_a_compiler_is_one_line(trained_run, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
     assert "--compile" in proc.stderr and "C++ compiler" in proc.stderr
+
+
+def test_cli_compile_answers_each_line_as_it_arrives(trained_run):
+    """A pipe from a server: with --compile --greedy, line 1's translation comes out before line 2 is sent."""
+    import select
+
+    proc = subprocess.Popen([sys.executable, "-m", "mt.cli", "translate", "-m", str(trained_run), "--greedy",
+                             "--compile"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    try:
+        proc.stdin.write("A man rides a bike.\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 600)
+        assert ready, "no output for the first line while stdin stays open"
+        first = proc.stdout.readline()
+        assert first.endswith("\n") and first.strip()
+        out, err = proc.communicate("Two dogs play in the snow.\n", timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert len(out.splitlines()) == 1
