@@ -114,13 +114,13 @@ def export(run, fmt, out, weights, quantization):
 @click.option("--scores", is_flag=True, help="Add log P(y|x) as a second, tab-separated column.")
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Lines read ahead and sorted by length (default 1000; 1 when stdin is a terminal, or for "
-                   "--compile's greedy search, which decodes one line at a time anyway).")
+                   "--compile's greedy search and sampling, which decode one line at a time anyway).")
 def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batch_tokens, batch_sentences,
               weights, device, quantize, compile_, sample, temperature, top_k, top_p, seed, nbest, scores, window):
     """Translate stdin to stdout, one output line per input line (N with --nbest), in order."""
     t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences, compile_)
     kwargs = search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b)
-    one_at_a_time = compile_ and not sample and not nbest and (kwargs["beam_size"] or t.cfg.decode.beam_size) == 1
+    one_at_a_time = compile_ and (sample or not nbest and (kwargs["beam_size"] or t.cfg.decode.beam_size) == 1)
     window = window or (1 if sys.stdin.isatty() or one_at_a_time else 1000)
     n = nbest or 1
     if nbest and not sample:

@@ -34,8 +34,8 @@ def decode_options(*, model_required: bool = True):
         click.option("--quantize", type=click.Choice(["int8"]), default=None,
                      help="Dynamic int8 linear layers (CPU)."),
         click.option("--compile", "compile_", is_flag=True,
-                     help="Greedy search one sentence at a time through a compiled decoder step: lowest "
-                          "latency (CPU; compiles for up to ~40 s first)."),
+                     help="Greedy search and sampling one sentence at a time through a compiled decoder "
+                          "step: lowest latency (CPU; compiles for up to ~40 s first)."),
     ]
 
     def decorate(f):

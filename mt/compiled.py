@@ -10,7 +10,7 @@ once. The weights are gathered into one flat tensor, so each call checks one ten
 
 Compiling takes ~40 s once per process (~8 s when inductor's on-disk cache has it); sources and
 output lengths of any size reuse the same compiled step. Log-probs match the eager step up to float
-rounding (the sums run in another order). Greedy search only: beam search and sampling stay eager.
+rounding (the sums run in another order). Greedy search and sampling; beam search stays eager.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mt.errors import MTError
-from mt.search import Hypothesis, _finish
+from mt.search import Hypothesis, _finish, sample_tokens
 from mt.tokenizer import BOS, EOS, PAD
 
 
@@ -41,7 +41,7 @@ def _attend(q, k, v, mask=None):
 
 
 class CompiledGreedy:
-    """Greedy search for one sentence at a time through a compiled decoder step (float32, CPU).
+    """Greedy search or sampling, one sentence at a time, through a compiled decoder step (float32, CPU).
 
     Built from a Transformer in eval mode; reads its weights once (rebuild it after changing them).
     """
@@ -104,7 +104,7 @@ class CompiledGreedy:
 
     def _step(self, token, pos, self_k, self_v, memory_k, memory_v, flat):
         """token, pos (1,); self_k/v (L, H, T, Dh) written at pos; memory_k/v (L, H, S, Dh).
-        Returns (next token, its log-prob, log-prob of EOS), each (1,)."""
+        Returns the best next token, its log-prob, the log-prob of EOS (each (1,)) and all log-probs (1, V)."""
         H, D = self.heads, self.width
         Dh = D // H
         x = self._w(flat, "embed")[token] * math.sqrt(D) + self._w(flat, "positions")[pos]  # (1, D)
@@ -126,11 +126,14 @@ class CompiledGreedy:
         logits[:, BOS] = float("-inf")
         lp = F.log_softmax(logits, -1)
         best, token = lp.max(-1)
-        return token, best, lp[:, EOS]
+        return token, best, lp[:, EOS], lp
 
     @torch.no_grad()
-    def search(self, src: torch.Tensor, max_len: int, length_penalty: float = 0.0) -> Hypothesis:
-        """src (1, S) ids ending in EOS; at most max_len tokens before EOS (as mt.search.generate)."""
+    def search(self, src: torch.Tensor, max_len: int, length_penalty: float = 0.0,
+               sampling: dict | None = None) -> Hypothesis:
+        """src (1, S) ids ending in EOS; at most max_len tokens before EOS, as mt.search.generate.
+        sampling: draw each token instead of taking the best, with mt.search.sample_tokens's keyword
+        arguments (ids (1,), seed, temperature, top_k, top_p): generate(sample=True)'s draws."""
         model = self.model
         memory, _ = model.encode(src)
         kv = [layer.cross_attn.project_memory(memory) for layer in model.decoder]
@@ -146,7 +149,11 @@ class CompiledGreedy:
         token, tokens, lps = torch.tensor([BOS]), [], []
         with contextlib.ExitStack() as later_steps:
             for t in range(max_len + 1):
-                token, lp, eos_lp = self.step(token, torch.tensor([t]), self_k, self_v, memory_k, memory_v, self.flat)
+                token, lp, eos_lp, lps_all = self.step(token, torch.tensor([t]), self_k, self_v, memory_k, memory_v,
+                                                       self.flat)
+                if sampling is not None:
+                    token = sample_tokens(lps_all, step=t, **sampling)
+                    lp = lps_all[0, token]
                 nxt = int(token)
                 if nxt == EOS or t == max_len:  # the longest output allowed ends with EOS, as generate does
                     lps.append(float(lp if nxt == EOS else eos_lp))

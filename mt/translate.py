@@ -61,7 +61,7 @@ class Translator:
     def __init__(self, model, tokenizer: Tokenizer, cfg: Config, *, device: str = "cpu", compile: bool = False):
         self.model, self.tokenizer, self.cfg = model.to(device).eval(), tokenizer, cfg
         self.device = torch.device(device)
-        # batch-1 greedy search through a compiled step (mt.compiled): one sentence at a time, for latency
+        # batch-1 greedy search and sampling through a compiled step (mt.compiled), for latency
         self.compiled = CompiledGreedy(self.model) if compile else None
         self._told_uncompiled = False
         # leave room for EOS; longer inputs are truncated (with a warning)
@@ -75,8 +75,8 @@ class Translator:
              quantize: str | None = None, compile: bool = False) -> "Translator":
         """`run`: a run directory, or a list of them to decode as an ensemble (mt.ensemble; the runs
         must share their tokenizer). quantize="int8": dynamic int8 linear layers (CPU inference only).
-        compile: greedy search one sentence at a time through a compiled decoder step (mt.compiled:
-        lowest latency per sentence on CPU; beam search and sampling are unaffected)."""
+        compile: greedy search and sampling one sentence at a time through a compiled decoder step
+        (mt.compiled: lowest latency per sentence on CPU; beam search is unaffected)."""
         runs = [run] if isinstance(run, (str, Path)) else list(run)
         if quantize not in (None, "int8"):
             raise ValueError(f"unknown quantization {quantize!r} (int8)")
@@ -179,9 +179,9 @@ class Translator:
                 ids_ = ids_[:self.max_src_tokens]
             src_ids[i] = ids_
         width = 1 if sample else dc.beam_size
-        one_at_a_time = self.compiled is not None and not sample and dc.beam_size == 1
+        one_at_a_time = self.compiled is not None and (sample or dc.beam_size == 1)
         if self.compiled is not None and not one_at_a_time and not self._told_uncompiled:
-            self.warn("--compile speeds up greedy search (--greedy) only; this search runs uncompiled")
+            self.warn("--compile speeds up greedy search (--greedy) and sampling only; beam search runs uncompiled")
             self._told_uncompiled = True
         batches = ([i] for i in todo) if one_at_a_time else self._batches(todo, src_ids, width, dc)
         for batch in batches:
@@ -191,7 +191,9 @@ class Translator:
             used = lens + 1 if self.cfg.model.arch != "transformer" else torch.zeros_like(lens)
             max_lens = torch.minimum(max_lens, self.cfg.model.max_positions - 2 - used)  # positions left
             if one_at_a_time:
-                res = [[self.compiled.search(src, int(max_lens[0]), dc.length_penalty)]]
+                sampling = dict(ids=torch.tensor([ids[batch[0]]]), seed=seed, temperature=temperature, top_k=top_k,
+                                top_p=top_p) if sample else None
+                res = [[self.compiled.search(src, int(max_lens[0]), dc.length_penalty, sampling)]]
             elif sample or dc.beam_size == 1:
                 res = generate(self.model, src, max_lens, sample=sample, ids=[ids[i] for i in batch],
                                seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,

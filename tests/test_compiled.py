@@ -1,4 +1,4 @@
-"""`--compile`: batch-1 greedy search through a compiled decoder step gives eager greedy search's output."""
+"""`--compile`: batch-1 greedy search and sampling through a compiled decoder step give the eager output."""
 import os
 import shutil
 import subprocess
@@ -53,6 +53,22 @@ def test_compiled_greedy_follows_many_sources_without_recompiling(model_and_comp
         assert compiled.search(ids, n + 4).tokens == eager.tokens
 
 
+@needs_cxx
+@pytest.mark.parametrize("seed, sid, opts",
+                         [(0, 0, {}), (3, 7, dict(top_k=5)), (1, 2, dict(top_p=0.8, temperature=0.7))])
+def test_compiled_sampling_draws_what_eager_sampling_draws(model_and_compiled, seed, sid, opts):
+    """Draws are keyed by (seed, sentence id, step), so the compiled path must reproduce them exactly."""
+    model, compiled = model_and_compiled
+    ids = torch.tensor([[5, 9, 12, 3, 7, 8, EOS]])
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0) | opts
+    with torch.no_grad():
+        eager = generate(model, ids, torch.tensor([9]), sample=True, ids=[sid], seed=seed, **kw)[0]
+    got = compiled.search(ids, 9, sampling=dict(ids=torch.tensor([sid]), seed=seed, **kw))
+    assert got.tokens == eager.tokens
+    assert got.step_logprobs == pytest.approx(eager.step_logprobs, abs=1e-4)
+    assert got.tokens != compiled.search(ids, 9).tokens  # a draw, not the greedy path
+
+
 def test_compile_refuses_what_it_cannot_decode():
     from mt.ensemble import Ensemble
     from mt.translate import quantize_int8
@@ -64,22 +80,23 @@ def test_compile_refuses_what_it_cannot_decode():
 
 
 @needs_cxx
-def test_cli_translate_compile_matches_greedy(trained_run, multi30k_dir):
-    """The user's view: same lines as uncompiled greedy search, one output line per input line."""
+def test_cli_translate_compile_matches_uncompiled(trained_run, multi30k_dir):
+    """The user's view: greedy search and sampling give the same lines as uncompiled, one per input line."""
     import gzip
 
     with gzip.open(multi30k_dir / "test_2016_flickr.en.gz", "rt") as f:
         lines = [next(f).rstrip("\n") for _ in range(12)]
     lines.insert(3, "")
     src = "\n".join(lines) + "\n"
-    outs = []
-    for extra in ([], ["--compile"]):
-        proc = subprocess.run([sys.executable, "-m", "mt.cli", "translate", "-m", str(trained_run), "--greedy",
-                               *extra], input=src, capture_output=True, text=True, cwd=REPO, timeout=900)
-        assert proc.returncode == 0, proc.stderr
-        outs.append(proc.stdout.splitlines())
-    assert len(outs[1]) == len(lines) and outs[1][3] == ""
-    assert outs[1] == outs[0]
+    for search in (["--greedy"], ["--sample", "--top-k", "10", "--seed", "3"]):
+        outs = []
+        for extra in ([], ["--compile"]):
+            proc = subprocess.run([sys.executable, "-m", "mt.cli", "translate", "-m", str(trained_run), *search,
+                                   *extra], input=src, capture_output=True, text=True, cwd=REPO, timeout=900)
+            assert proc.returncode == 0, proc.stderr
+            outs.append(proc.stdout.splitlines())
+        assert len(outs[1]) == len(lines) and outs[1][3] == ""
+        assert outs[1] == outs[0], search
 
 
 def test_cli_compile_without_a_compiler_is_one_line(trained_run, tmp_path):
