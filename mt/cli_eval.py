@@ -154,7 +154,8 @@ def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--device", default=None)
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 linear layers (CPU).")
-@click.option("--compile", "compile_", is_flag=True, help="Greedy search through a compiled step (see mt translate).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Greedy search and sampling through a compiled step (see mt translate).")
 @click.option("--latency", type=click.IntRange(min=1), default=None, metavar="N",
               help="Batch-1 latency instead: the first N sentences one at a time, ms per token vs the "
                    "memory-bandwidth bound.")

@@ -1,4 +1,5 @@
-"""Batch-1 greedy decoding compiled with torch.compile, for latency (`mt translate --compile`).
+"""Batch-1 greedy search and sampling through a decoder step compiled with torch.compile, for latency
+(`mt translate --compile`).
 
 One sentence at a time, a decoder step is ~40 matrix-vector products: it should cost the time to read
 the weights once (18 MB a step for recipes/multi30k.yaml's model, 1.3 ms at this CPU's bandwidth), but
@@ -40,7 +41,7 @@ def _attend(q, k, v, mask=None):
     return scores.softmax(-1) @ v
 
 
-class CompiledGreedy:
+class CompiledDecoder:
     """Greedy search or sampling, one sentence at a time, through a compiled decoder step (float32, CPU).
 
     Built from a Transformer in eval mode; reads its weights once (rebuild it after changing them).

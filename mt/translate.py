@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from mt.checkpoint import load_run
-from mt.compiled import CompiledGreedy
+from mt.compiled import CompiledDecoder
 from mt.config import LM_ARCHS, Config
 from mt.ensemble import Ensemble
 from mt.errors import MTError
@@ -62,7 +62,7 @@ class Translator:
         self.model, self.tokenizer, self.cfg = model.to(device).eval(), tokenizer, cfg
         self.device = torch.device(device)
         # batch-1 greedy search and sampling through a compiled step (mt.compiled), for latency
-        self.compiled = CompiledGreedy(self.model) if compile else None
+        self.compiled = CompiledDecoder(self.model) if compile else None
         self._told_uncompiled = False
         # leave room for EOS; longer inputs are truncated (with a warning)
         self.lm = cfg.model.arch in LM_ARCHS  # inputs are prompts to continue, not sentences to translate

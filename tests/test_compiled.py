@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, make_model
-from mt.compiled import CompiledGreedy
+from mt.compiled import CompiledDecoder
 from mt.errors import MTError
 from mt.search import generate
 from mt.tokenizer import EOS
@@ -25,7 +25,7 @@ needs_cxx = pytest.mark.skipif(not HAVE_CXX, reason="torch.compile's CPU backend
 def model_and_compiled():
     # a model whose greedy outputs vary in length, untied output layer to cover that weight's path
     model = make_model(vocab_size=40, d_model=32, heads=4, ffn=64, tie_embeddings=False)
-    return model, CompiledGreedy(model)
+    return model, CompiledDecoder(model)
 
 
 @needs_cxx
@@ -74,9 +74,9 @@ def test_compile_refuses_what_it_cannot_decode():
     from mt.translate import quantize_int8
 
     with pytest.raises(MTError, match="--compile"):
-        CompiledGreedy(Ensemble([make_model(), make_model(seed=1)]))
+        CompiledDecoder(Ensemble([make_model(), make_model(seed=1)]))
     with pytest.raises(MTError, match="--compile"):
-        CompiledGreedy(quantize_int8(make_model()))
+        CompiledDecoder(quantize_int8(make_model()))
 
 
 @needs_cxx
