@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MULTI30K = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_step_cache(tmp_path_factory):
+    """`--compile` keeps compiled decoder steps in $MT_CACHE_DIR: the tests' own, not the user's."""
+    import os
+
+    path = tmp_path_factory.mktemp("mt-cache")
+    old, os.environ["MT_CACHE_DIR"] = os.environ.get("MT_CACHE_DIR"), str(path)
+    yield path
+    if old is None:
+        del os.environ["MT_CACHE_DIR"]
+    else:
+        os.environ["MT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def multi30k_dir() -> Path:
     """The read-only Multi30K copy in ../shared/data/multi30k (skips when absent)."""

@@ -69,6 +69,36 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(model_and_compiled, s
     assert got.tokens != compiled.search(ids, 9).tokens  # a draw, not the greedy path
 
 
+@needs_cxx
+def test_compiled_step_is_kept_on_disk_and_rebuilt_when_damaged(model_and_compiled, compiled_step_cache,
+                                                                 monkeypatch):
+    """A second decoder for the same model loads the compiled step instead of compiling it; a damaged
+    file is compiled again (here: a stand-in compiler that copies the good file, to keep the test fast)."""
+    model, compiled = model_and_compiled
+    ids = torch.tensor([[5, 9, 12, 3, 7, 8, EOS]])
+    want = compiled.search(ids, 9).tokens
+    path = compiled_step_cache / f"decoder-step-{compiled._key()}.pt2"
+    assert path.exists()
+    good = path.read_bytes()
+
+    def no_compiler(program, package_path):
+        raise AssertionError("compiled again although the disk cache has it")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    assert CompiledDecoder(model).search(ids, 9).tokens == want
+
+    path.write_bytes(b"not a package")
+    rebuilt = []
+
+    def stand_in(program, package_path):
+        rebuilt.append(package_path)
+        open(package_path, "wb").write(good)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", stand_in)
+    assert CompiledDecoder(model).search(ids, 9).tokens == want
+    assert len(rebuilt) == 1 and path.read_bytes() == good
+    assert [p.name for p in compiled_step_cache.iterdir() if p.suffix == ".pt2" and p != path
+            and p.name.startswith("tmp")] == []  # no temporary file left behind
+
+
 def test_compile_refuses_what_it_cannot_decode():
     from mt.ensemble import Ensemble
     from mt.translate import quantize_int8
@@ -102,7 +132,8 @@ def test_cli_translate_compile_matches_uncompiled(trained_run, multi30k_dir):
 def test_cli_compile_without_a_compiler_is_one_line(trained_run, tmp_path):
     import os
 
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               MT_CACHE_DIR=str(tmp_path / "mt-cache"))
     proc = subprocess.run([sys.executable, "-m", "mt.cli", "translate", "-m", str(trained_run), "--greedy",
                            "--compile"], input="A man.\n", capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=600)
