@@ -1,20 +1,22 @@
-"""Batch-1 greedy search and sampling through a decoder step compiled ahead of time (torch.export and
-AOTInductor), for latency (`mt translate --compile`).
+"""Batch-1 greedy search and sampling through an encoder and a decoder step compiled ahead of time
+(torch.export and AOTInductor), for latency (`mt translate --compile`).
 
 One sentence at a time, a decoder step is ~40 matrix-vector products: it should cost the time to read
-the weights once (18 MB a step for recipes/multi30k.yaml's model, 1.3 ms at this CPU's bandwidth), but
-eager PyTorch spends ~150 operator calls a step on it (~4.7 ms), and MKL's matrix-vector kernels read
-at 7-10 GB/s. Here the whole step is one compiled graph with shapes that do not change from step to
-step (self-attention over the preallocated cache under a position mask), and every matrix-vector
+the weights once (18 MB a step for recipes/multi30k.yaml's model, 1.0-1.3 ms at this CPU's bandwidth),
+but eager PyTorch spends ~150 operator calls a step on it (~4.7 ms), and MKL's matrix-vector kernels
+read at 7-10 GB/s. Here the whole step is one compiled graph with shapes that do not change from step
+to step (self-attention over the preallocated cache under a position mask), and every matrix-vector
 product is a multiply-and-sum that inductor turns into vectorised C++ loops streaming each weight
-once. The weights are gathered into one flat tensor, passed in at each call. AOTInductor's runner
-calls the compiled step from C++ without torch.compile's per-call Python machinery (guards, wrappers:
+once. The encoder (and the decoder's cross-attention keys and values) is a second compiled graph: its
+products have a row per source token, so they stay matrix products; fusing the rest made it 1.55x
+faster. The weights are gathered into one flat tensor, passed in at each call. AOTInductor's runner
+calls the compiled code from C++ without torch.compile's per-call Python machinery (guards, wrappers:
 ~0.2 ms a call on this CPU; 1.14-1.27x end to end, paired).
 
-Compiling takes ~50 s the first time for a model shape on a machine; the compiled step is kept in
-$MT_CACHE_DIR (default ~/.cache/mt, see cache_dir) and later processes load it in ~0.5 s. Sources and output lengths
-of any size reuse it. Log-probs match the eager step up to float rounding (the sums run in another
-order). Greedy search and sampling; beam search stays eager.
+Compiling takes ~75 s the first time for a model shape on a machine; the compiled code is kept in
+$MT_CACHE_DIR (default ~/.cache/mt, see cache_dir) and later processes load it in ~1 s. Sources and
+output lengths of any size reuse it. Log-probs match the eager model's up to float rounding (sums run
+in another order). Greedy search and sampling; beam search stays eager.
 """
 from __future__ import annotations
 
@@ -49,22 +51,25 @@ def _attend(q, k, v, mask=None):
     return scores.softmax(-1) @ v
 
 
+_SOURCE = Path(__file__).read_text()  # compiled code built by another version of this file is not reused
+
+
 def cache_dir() -> Path:
-    """Where compiled decoder steps are kept: $MT_CACHE_DIR, else $XDG_CACHE_HOME/mt or ~/.cache/mt."""
+    """Where the compiled encoders and decoder steps are kept: $MT_CACHE_DIR, else $XDG_CACHE_HOME/mt or ~/.cache/mt."""
     if os.environ.get("MT_CACHE_DIR"):
         return Path(os.environ["MT_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mt"
 
 
-class _StepModule(torch.nn.Module):
-    """CompiledDecoder._step as a module, for torch.export."""
+class _Function(torch.nn.Module):
+    """A CompiledDecoder method as a module, for torch.export (the weights come in as an argument)."""
 
-    def __init__(self, decoder: "CompiledDecoder"):
+    def __init__(self, fn):
         super().__init__()
-        self.decoder = decoder  # a plain object: no parameters of its own (the weights come in as `flat`)
+        self.fn = fn
 
-    def forward(self, token, pos, self_k, self_v, memory_k, memory_v, flat):
-        return self.decoder._step(token, pos, self_k, self_v, memory_k, memory_v, flat)
+    def forward(self, *args):
+        return self.fn(*args)
 
 
 class CompiledDecoder:
@@ -84,35 +89,39 @@ class CompiledDecoder:
         self.model = model
         cfg = model.cfg
         self.layers, self.heads, self.width = len(model.decoder), cfg.heads, cfg.d_model
-        self.eps = model.dec_norm.eps
-        params = dict(model.named_parameters())
-        names = [n for n in params if n.startswith("decoder.") and ".cross_attn.kv." not in n]
-        names += ["dec_norm.weight", "dec_norm.bias"]
-        tensors = [params[n] for n in names]
-        names += ["embed", "positions"]
-        tensors += [model.tgt_embed.weight, model.positions]
-        if model.output is not None:  # untied output layer
-            names.append("output")
-            tensors.append(model.output.weight)
+        self.enc_layers, self.eps = len(model.encoder), model.dec_norm.eps
+        tensors = dict(model.named_parameters(), positions=model.positions)  # shared weights listed once
         self.offsets, start = {}, 0
-        for name, t in zip(names, tensors):
+        for name, t in tensors.items():
             self.offsets[name] = (start, tuple(t.shape))
             start += t.numel()
-        self.offsets.setdefault("output", self.offsets["embed"])  # tied embeddings: one copy
+        tgt = "embed.weight" if model.tgt_embedding is None else "tgt_embedding.weight"
+        self.offsets["tgt_embed"] = self.offsets[tgt]
+        self.offsets["output"] = self.offsets["output.weight" if model.output is not None else tgt]
         with torch.no_grad():
-            self.flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
-        self.runner = None  # compiled (or loaded from the disk cache) at the first search
+            self.flat = torch.cat([t.detach().float().reshape(-1) for t in tensors.values()])
+        self.runners = {}  # "step", "encoder": compiled (or loaded from the disk cache) at first use
 
-    def step(self, *args) -> list[torch.Tensor]:
-        """The compiled _step on these tensors (the self-attention cache is written in place)."""
-        if self.runner is None:
-            self.runner = self._load_or_compile()
-        return self.runner.boxed_run(list(args))
+    def step(self, token, pos, self_k, self_v, memory_k, memory_v) -> list[torch.Tensor]:
+        """One compiled decoder step (_step); the self-attention cache is written in place."""
+        return self._runner("step").boxed_run([token, pos, self_k, self_v, memory_k, memory_v, self.flat])
 
-    def _load_or_compile(self):
-        """AOTInductor's runner for _step: shapes fixed but for the cache and source lengths (self.offsets
-        stay constants: dynamic offsets made a 2.0 instead of 1.5 ms step), from the disk cache or built."""
-        path = cache_dir() / f"decoder-step-{self._key()}.pt2"
+    def encode(self, src) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled encoder (_encode) for src (1, S), S >= 2: cross-attention keys, values (L, H, S, Dh)."""
+        kv = self._runner("encoder").boxed_run([src, self.flat])[0]
+        # the compiled step reads its inputs as contiguous without checking (AOTInductor): make sure
+        return tuple(kv.contiguous())
+
+    def _runner(self, kind: str):
+        if kind not in self.runners:
+            self.runners[kind] = self._load_or_compile(kind)
+        return self.runners[kind]
+
+    def _load_or_compile(self, kind: str):
+        """AOTInductor's runner for _step or _encode, from the disk cache or built: shapes fixed but for the
+        cache and source lengths (self.offsets stay constants: dynamic offsets made a 2.0 instead of 1.5
+        ms step)."""
+        path = cache_dir() / f"{kind}-{self._key(kind)}.pt2"
         try:
             if path.exists():
                 try:
@@ -120,10 +129,14 @@ class CompiledDecoder:
                 except Exception:  # a damaged or foreign file: build it again
                     path.unlink(missing_ok=True)
             L, H, Dh = self.layers, self.heads, self.width // self.heads
-            example = (torch.tensor([BOS]), torch.tensor([0]), torch.zeros(L, H, 7, Dh), torch.zeros(L, H, 7, Dh),
-                       torch.zeros(L, H, 5, Dh), torch.zeros(L, H, 5, Dh), self.flat)
-            cache_len, source_len = torch.export.Dim("cache_len", min=2), torch.export.Dim("source_len", min=2)
-            lengths = (None, None, {2: cache_len}, {2: cache_len}, {2: source_len}, {2: source_len}, None)
+            source_len = torch.export.Dim("source_len", min=2, max=self.offsets["positions"][1][0])
+            if kind == "step":
+                example = (torch.tensor([BOS]), torch.tensor([0]), torch.zeros(L, H, 7, Dh),
+                           torch.zeros(L, H, 7, Dh), torch.zeros(L, H, 5, Dh), torch.zeros(L, H, 5, Dh), self.flat)
+                cache_len = torch.export.Dim("cache_len", min=2)
+                lengths = (None, None, {2: cache_len}, {2: cache_len}, {2: source_len}, {2: source_len}, None)
+            else:
+                example, lengths = (torch.tensor([[4, 5, 6, 7, EOS]]), self.flat), ({1: source_len}, None)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)  # written whole, then renamed into place
             os.close(fd)
@@ -131,8 +144,11 @@ class CompiledDecoder:
                 with warnings.catch_warnings():  # torch's own deprecation notices, not the user's business
                     warnings.simplefilter("ignore", FutureWarning)
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    program = torch.export.export(_StepModule(self), example, dynamic_shapes=lengths)
-                    torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+                    program = torch.export.export(_Function(self._step if kind == "step" else self._encode), example,
+                                                  dynamic_shapes=(lengths,))
+                    # small intermediates on the stack, not the heap: 1.03x a step, paired
+                    torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs={
+                        "aot_inductor.allow_stack_allocation": True})
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -143,10 +159,10 @@ class CompiledDecoder:
             raise MTError(f"--compile: compiling the decoder step failed ({type(e).__name__}: {first[:200]}); "
                           "run without --compile") from e
 
-    def _key(self) -> str:
-        """What the compiled step depends on: this file's code, the model's shapes, torch, the CPU."""
-        parts = [Path(__file__).read_text(), repr(sorted(self.offsets.items())), repr((self.layers, self.heads,
-                 self.width, self.eps)), torch.__version__, platform.machine(),
+    def _key(self, kind: str) -> str:
+        """What the compiled code depends on: this file's code, the model's shapes, torch, the CPU."""
+        shapes = (sorted(self.offsets.items()), self.layers, self.enc_layers, self.heads, self.width, self.eps)
+        parts = [kind, _SOURCE, repr(shapes), torch.__version__, platform.machine(),
                  str(torch.backends.cpu.get_cpu_capability())]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
@@ -160,12 +176,33 @@ class CompiledDecoder:
     def _linear(self, x, flat, name):
         return _matvec(x, self._w(flat, name + ".weight"), self._w(flat, name + ".bias"))
 
+    def _dense(self, x, flat, name):  # several rows: a real matrix product (torch's matmul)
+        return F.linear(x, self._w(flat, name + ".weight"), self._w(flat, name + ".bias"))
+
+    def _encode(self, src, flat):
+        """src (1, S) -> the cross-attention keys and values (2, L, H, S, Dh) of every decoder layer: what
+        Transformer.encode and cross_attn.project_memory give for one sentence (no padding to mask)."""
+        H, D, S = self.heads, self.width, src.shape[1]
+        Dh = D // H
+        x = self._w(flat, "embed.weight")[src[0]] * math.sqrt(D) + self._w(flat, "positions")[:S]  # (S, D)
+        for i in range(self.enc_layers):
+            p = f"encoder.{i}."
+            qkv = self._dense(self._norm(x, flat, p + "norm1"), flat, p + "attn.qkv")
+            q, k, v = qkv.view(S, 3, H, Dh).permute(1, 2, 0, 3)
+            y = F.scaled_dot_product_attention(q, k, v)  # (H, S, Dh)
+            x = x + self._dense(y.transpose(0, 1).reshape(S, D), flat, p + "attn.out")
+            h = torch.relu(self._dense(self._norm(x, flat, p + "norm2"), flat, p + "ffn.up"))
+            x = x + self._dense(h, flat, p + "ffn.down")
+        memory = self._norm(x, flat, "enc_norm")
+        kv = torch.stack([self._dense(memory, flat, f"decoder.{i}.cross_attn.kv") for i in range(self.layers)])
+        return kv.view(self.layers, S, 2, H, Dh).permute(2, 0, 3, 1, 4).contiguous()  # (2, L, H, S, Dh)
+
     def _step(self, token, pos, self_k, self_v, memory_k, memory_v, flat):
         """token, pos (1,); self_k/v (L, H, T, Dh) written at pos; memory_k/v (L, H, S, Dh).
         Returns the best next token, its log-prob, the log-prob of EOS (each (1,)) and all log-probs (1, V)."""
         H, D = self.heads, self.width
         Dh = D // H
-        x = self._w(flat, "embed")[token] * math.sqrt(D) + self._w(flat, "positions")[pos]  # (1, D)
+        x = self._w(flat, "tgt_embed")[token] * math.sqrt(D) + self._w(flat, "positions")[pos]  # (1, D)
         seen = torch.arange(self_k.shape[2], device=pos.device) <= pos  # positions decoded so far
         for i in range(self.layers):
             p = f"decoder.{i}."
@@ -192,21 +229,20 @@ class CompiledDecoder:
         """src (1, S) ids ending in EOS; at most max_len tokens before EOS, as mt.search.generate.
         sampling: draw each token instead of taking the best, with mt.search.sample_tokens's keyword
         arguments (ids (1,), seed, temperature, top_k, top_p): generate(sample=True)'s draws."""
-        model = self.model
-        memory, _ = model.encode(src)
-        kv = [layer.cross_attn.project_memory(memory) for layer in model.decoder]
-        memory_k = torch.stack([k[0] for k, _ in kv])
-        memory_v = torch.stack([v[0] for _, v in kv])
-        if memory_k.shape[2] == 1:  # a length-1 source would compile a second, specialised step:
-            memory_k, memory_v = memory_k.repeat(1, 1, 2, 1), memory_v.repeat(1, 1, 2, 1)  # same attention
+        if src.shape[1] >= 2:
+            memory_k, memory_v = self.encode(src)
+        else:  # only EOS: eagerly, repeated, as one compiled step serves every source of 2 or more
+            memory, _ = self.model.encode(src)
+            kv = [layer.cross_attn.project_memory(memory) for layer in self.model.decoder]
+            memory_k = torch.stack([k[0] for k, _ in kv]).repeat(1, 1, 2, 1)  # attention over two copies of one
+            memory_v = torch.stack([v[0] for _, v in kv]).repeat(1, 1, 2, 1)  # position is attention over it
         shape = (self.layers, self.heads, max(max_len + 1, 2), self.width // self.heads)
         # zeros, not empty: masked positions get weight 0, and 0 x NaN from garbage would be NaN
         self_k, self_v = torch.zeros(shape), torch.zeros(shape)
         token, tokens, lps = torch.tensor([BOS]), [], []
         positions = torch.arange(max_len + 1)
         for t in range(max_len + 1):
-            token, lp, eos_lp, lps_all = self.step(token, positions[t:t + 1], self_k, self_v, memory_k, memory_v,
-                                                   self.flat)
+            token, lp, eos_lp, lps_all = self.step(token, positions[t:t + 1], self_k, self_v, memory_k, memory_v)
             if sampling is not None:
                 token = sample_tokens(lps_all, step=t, **sampling)
                 lp = lps_all[0, token]

@@ -43,6 +43,19 @@ def test_compiled_greedy_equals_eager_greedy(model_and_compiled, src, max_len):
 
 
 @needs_cxx
+def test_compiled_encoder_gives_the_eager_keys_and_values(model_and_compiled):
+    model, compiled = model_and_compiled
+    ids = torch.tensor([[5, 9, 12, 3, 7, 8, EOS]])
+    with torch.no_grad():
+        memory, _ = model.encode(ids)
+        kv = [layer.cross_attn.project_memory(memory) for layer in model.decoder]
+    k, v = compiled.encode(ids)
+    assert k.is_contiguous() and v.is_contiguous()  # the compiled step reads them so, unchecked
+    torch.testing.assert_close(k, torch.stack([k_[0] for k_, _ in kv]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, torch.stack([v_[0] for _, v_ in kv]), atol=1e-5, rtol=1e-5)
+
+
+@needs_cxx
 def test_compiled_greedy_follows_many_sources_without_recompiling(model_and_compiled):
     model, compiled = model_and_compiled
     torch.manual_seed(1)
@@ -72,16 +85,17 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(model_and_compiled, s
 @needs_cxx
 def test_compiled_step_is_kept_on_disk_and_rebuilt_when_damaged(model_and_compiled, compiled_step_cache,
                                                                  monkeypatch):
-    """A second decoder for the same model loads the compiled step instead of compiling it; a damaged
-    file is compiled again (here: a stand-in compiler that copies the good file, to keep the test fast)."""
+    """A second decoder for the same model loads the compiled step and encoder instead of compiling them;
+    a damaged file is compiled again (here: a stand-in compiler that copies the good file, to keep the test fast)."""
     model, compiled = model_and_compiled
     ids = torch.tensor([[5, 9, 12, 3, 7, 8, EOS]])
     want = compiled.search(ids, 9).tokens
-    path = compiled_step_cache / f"decoder-step-{compiled._key()}.pt2"
-    assert path.exists()
+    kept = {kind: compiled_step_cache / f"{kind}-{compiled._key(kind)}.pt2" for kind in ("step", "encoder")}
+    assert all(p.exists() for p in kept.values())
+    path = kept["step"]
     good = path.read_bytes()
 
-    def no_compiler(program, package_path):
+    def no_compiler(program, package_path, **options):
         raise AssertionError("compiled again although the disk cache has it")
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
     assert CompiledDecoder(model).search(ids, 9).tokens == want
@@ -89,14 +103,13 @@ def test_compiled_step_is_kept_on_disk_and_rebuilt_when_damaged(model_and_compil
     path.write_bytes(b"not a package")
     rebuilt = []
 
-    def stand_in(program, package_path):
+    def stand_in(program, package_path, **options):
         rebuilt.append(package_path)
         open(package_path, "wb").write(good)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", stand_in)
     assert CompiledDecoder(model).search(ids, 9).tokens == want
     assert len(rebuilt) == 1 and path.read_bytes() == good
-    assert [p.name for p in compiled_step_cache.iterdir() if p.suffix == ".pt2" and p != path
-            and p.name.startswith("tmp")] == []  # no temporary file left behind
+    assert [p.name for p in compiled_step_cache.iterdir() if p.name.startswith("tmp")] == []  # none left behind
 
 
 def test_compile_refuses_what_it_cannot_decode():
