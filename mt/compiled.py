@@ -13,8 +13,8 @@ faster. The weights are gathered into one flat tensor, passed in at each call. A
 calls the compiled code from C++ without torch.compile's per-call Python machinery (guards, wrappers:
 ~0.2 ms a call on this CPU; 1.14-1.27x end to end, paired).
 
-Compiling takes ~75 s the first time for a model shape on a machine; the compiled code is kept in
-$MT_CACHE_DIR (default ~/.cache/mt, see cache_dir) and later processes load it in ~1 s. Sources and
+Compiling takes ~80 s the first time for a model shape on a machine; the compiled code is kept in
+$MT_CACHE_DIR (default ~/.cache/mt, see cache_dir) and later processes load it in ~3 s. Sources and
 output lengths of any size reuse it. Log-probs match the eager model's up to float rounding (sums run
 in another order). Greedy search and sampling; beam search stays eager.
 """
