@@ -51,7 +51,9 @@ def _attend(q, k, v, mask=None):
     return scores.softmax(-1) @ v
 
 
-_SOURCE = Path(__file__).read_text()  # compiled code built by another version of this file is not reused
+# compiled code built by another version of this file, torch or CPU is not reused (and is deleted)
+_VERSION = hashlib.sha256("\n".join([Path(__file__).read_text(), torch.__version__, platform.machine(),
+                                      str(torch.backends.cpu.get_cpu_capability())]).encode()).hexdigest()[:10]
 
 
 def cache_dir() -> Path:
@@ -150,6 +152,9 @@ class CompiledDecoder:
                     torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs={
                         "aot_inductor.allow_stack_allocation": True})
                 os.replace(tmp, path)
+                for old in path.parent.glob(f"{kind}-*.pt2"):  # left by other versions: never loaded again
+                    if not old.name.startswith(f"{kind}-{_VERSION}-"):
+                        old.unlink(missing_ok=True)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -160,11 +165,10 @@ class CompiledDecoder:
                           "run without --compile") from e
 
     def _key(self, kind: str) -> str:
-        """What the compiled code depends on: this file's code, the model's shapes, torch, the CPU."""
+        """The file name's key: what the compiled code depends on. Its first part (this file's code, torch,
+        the CPU) tells packages of this version from those an earlier version left behind."""
         shapes = (sorted(self.offsets.items()), self.layers, self.enc_layers, self.heads, self.width, self.eps)
-        parts = [kind, _SOURCE, repr(shapes), torch.__version__, platform.machine(),
-                 str(torch.backends.cpu.get_cpu_capability())]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+        return f"{_VERSION}-{hashlib.sha256(repr((kind, shapes)).encode()).hexdigest()[:16]}"
 
     def _w(self, flat, name):
         start, shape = self.offsets[name]

@@ -101,6 +101,8 @@ def test_compiled_step_is_kept_on_disk_and_rebuilt_when_damaged(model_and_compil
     assert CompiledDecoder(model).search(ids, 9).tokens == want
 
     path.write_bytes(b"not a package")
+    stale = compiled_step_cache / "step-0123456789-0123456789abcdef.pt2"  # another version's
+    stale.write_bytes(b"old")
     rebuilt = []
 
     def stand_in(program, package_path, **options):
@@ -109,6 +111,7 @@ def test_compiled_step_is_kept_on_disk_and_rebuilt_when_damaged(model_and_compil
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", stand_in)
     assert CompiledDecoder(model).search(ids, 9).tokens == want
     assert len(rebuilt) == 1 and path.read_bytes() == good
+    assert not stale.exists() and kept["encoder"].exists()
     assert [p.name for p in compiled_step_cache.iterdir() if p.name.startswith("tmp")] == []  # none left behind
 
 
