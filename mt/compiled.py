@@ -54,7 +54,7 @@ _VERSION = hashlib.sha256("\n".join([Path(__file__).read_text(), torch.__version
 
 
 def cache_dir() -> Path:
-    """Where the compiled encoders and decoder steps are kept: $MT_CACHE_DIR, else $XDG_CACHE_HOME/mt or ~/.cache/mt."""
+    """Where compiled encoders and decoder steps are kept: $MT_CACHE_DIR, else $XDG_CACHE_HOME/mt or ~/.cache/mt."""
     if os.environ.get("MT_CACHE_DIR"):
         return Path(os.environ["MT_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mt"
@@ -158,7 +158,8 @@ class CompiledDecoder:
             return torch._inductor.aoti_load_package(str(path)).loader
         except Exception as e:  # e.g. no working C++ compiler for inductor: say so in one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MTError(f"--compile: compiling the decoder step failed ({type(e).__name__}: {first[:200]}); "
+            what = "decoder step" if kind == "step" else "encoder"
+            raise MTError(f"--compile: compiling the {what} failed ({type(e).__name__}: {first[:200]}); "
                           "run without --compile") from e
 
     def _key(self, kind: str) -> str:
