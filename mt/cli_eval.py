@@ -157,8 +157,8 @@ def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
 @click.option("--compile", "compile_", is_flag=True,
               help="Greedy search and sampling through a compiled step (see mt translate).")
 @click.option("--latency", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Batch-1 latency instead: the first N sentences one at a time, ms per token vs the "
-                   "memory-bandwidth bound.")
+              help="Batch-1 latency instead: the first N sentences one at a time, ms per token vs the time "
+                   "to read a step's weights from main memory and at their own working-set read rate.")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True)
 def bench_translate(run, src, beam_size, batch_tokens, batch_sentences, repeats, device, quantize, compile_,
