@@ -156,3 +156,18 @@ def test_inference_projection_follows_weight_updates():
     torch.testing.assert_close(model.logits(hidden), F.linear(hidden, model.embed.weight))
     model.embed.weight.mul_(2.0)
     torch.testing.assert_close(model.logits(hidden), F.linear(hidden, model.embed.weight))
+
+
+def test_attention_under_cpu_autocast_runs_in_float32():
+    """Under CPU bfloat16 autocast, `attention` attends in float32 (torch's bfloat16 flash-attention
+    backward is ~10x slower there) and hands back the caller's dtype; gradients reach q, k and v."""
+    from mt.model import attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, is_causal=True)
+    assert y.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(y, expected.bfloat16(), rtol=0, atol=0)
+    y.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
