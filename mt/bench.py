@@ -225,8 +225,9 @@ def bench_latency(translator, sources: list[str], *, beam_size: int = 1, n: int 
 
 def print_table(title: str, result: dict) -> None:
     print(title)
+    width = max(map(len, result), default=0)
     for k, v in result.items():
         if isinstance(v, float):
             v = f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
-        print(f"  {k:24s} {v}")
+        print(f"  {k:{width}s} {v}")
     sys.stdout.flush()
