@@ -101,10 +101,6 @@ class CompiledDecoder:
             self.flat = torch.cat([t.detach().float().reshape(-1) for t in tensors.values()])
         self.runners = {}  # "step", "encoder": compiled (or loaded from the disk cache) at first use
 
-    def step(self, token, pos, self_k, self_v, memory_k, memory_v) -> list[torch.Tensor]:
-        """One compiled decoder step (_step); the self-attention cache is written in place."""
-        return self._runner("step").boxed_run([token, pos, self_k, self_v, memory_k, memory_v, self.flat])
-
     def encode(self, src) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled encoder (_encode) for src (1, S), S >= 2: cross-attention keys, values (L, H, S, Dh)."""
         kv = self._runner("encoder").boxed_run([src, self.flat])[0]
@@ -253,7 +249,7 @@ class CompiledDecoder:
         self_k, self_v = torch.zeros(shape), torch.zeros(shape)
         token, tokens, lps = torch.tensor([BOS]), [], []
         positions = torch.arange(max_len + 1)
-        run = self._runner("step").boxed_run  # self.step without a lookup a token
+        run = self._runner("step").boxed_run  # the compiled _step; it writes self_k, self_v in place
         for t in range(max_len + 1):
             token, lp, eos_lp, lps_all = run([token, positions[t:t + 1], self_k, self_v, memory_k, memory_v, self.flat])
             if sampling is not None:

@@ -84,6 +84,18 @@ def test_lowercase_tokenizer_ignores_case(trained_run):
     assert not cased.same_as(lower) and cased.same_as(Tokenizer(trained_run / "spm.model"))
 
 
+def test_tokenizer_gives_the_same_ids_one_by_one_and_as_a_list(trained_run, multi30k_dir):
+    """Fewer than 64 texts are encoded one at a time (SentencePiece's list call starts a thread pool),
+    more through the list call: the ids must not depend on which path a text took."""
+    tok = Tokenizer(trained_run / "spm.model")
+    from mt.data import read_lines
+
+    texts = list(read_lines(multi30k_dir / "val.en.gz"))[:100] + ["", "  two  spaces "]
+    whole = tok.encode(texts)  # the list call
+    assert [ids for i in range(0, len(texts), 10) for ids in tok.encode(texts[i:i + 10])] == whole
+    assert whole[100] == [] and all(whole[:100])
+
+
 def test_lowercase_training_run(tmp_path, multi30k_dir):
     """data.lowercase: the tokenizer learns lowercase pieces only, translations come out lowercase,
     and validation BLEU is against lowercased references."""
