@@ -32,20 +32,31 @@ def peak_gpu_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
+def _median_seconds(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of fn() over reps calls, after warmup untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def matmul_flops(device: torch.device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
     """Measured FLOP/s of an n x n x n matmul: the machine's practical ceiling."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(reps + 2):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(10 if device.type == "cuda" else 1):
+    inner = 10 if device.type == "cuda" else 1  # a GPU product is too short to time alone
+
+    def products():
+        for _ in range(inner):
             a @ b
         sync(device)
-        if i >= 2:
-            times.append((time.perf_counter() - t) / (10 if device.type == "cuda" else 1))
-    return 2 * n ** 3 / statistics.median(times)
+
+    sync(device)
+    return 2 * n ** 3 * inner / _median_seconds(products, reps, warmup=2)
 
 
 def sync(device: torch.device) -> None:
@@ -151,13 +162,7 @@ def memory_bandwidth(n_bytes: int = 2**29, reps: int = 5) -> float:
     main-memory rate, for a working set (1 GiB) larger than the caches."""
     src = torch.ones(n_bytes // 4)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(reps + 1):
-        t = time.perf_counter()
-        dst.copy_(src)
-        if i:
-            times.append(time.perf_counter() - t)
-    return 2 * n_bytes / statistics.median(times)
+    return 2 * n_bytes / _median_seconds(lambda: dst.copy_(src), reps)
 
 
 def read_bandwidth(n_bytes: int, reps: int = 30) -> float:
@@ -165,13 +170,7 @@ def read_bandwidth(n_bytes: int, reps: int = 30) -> float:
     the rate at which a working set of that size streams from wherever it stays. Where the caches hold a
     step's weights (a large L3), this, not main memory, bounds a decoding step."""
     buf = torch.ones(max(n_bytes // 4, 1))
-    times = []
-    for i in range(reps + 1):
-        t = time.perf_counter()
-        buf.sum()
-        if i:
-            times.append(time.perf_counter() - t)
-    return buf.numel() * 4 / statistics.median(times)
+    return buf.numel() * 4 / _median_seconds(buf.sum, reps)
 
 
 def _weight_bytes(module, skip: str = "") -> int:

@@ -78,9 +78,9 @@ class Tokenizer:
         for a given seed (one thread, so the sampling order is fixed)."""
         if self.lowercase:
             texts = [t.lower() for t in texts]
-        if alpha <= 0 and len(texts) < 64:  # the list call starts a thread pool: ~0.13 ms, 30x one line
-            return [self.sp.encode(t, out_type=int) for t in texts]
         if alpha <= 0:
+            if len(texts) < 64:  # the list call starts a thread pool: ~0.13 ms, 30x one line
+                return [self.sp.encode(t, out_type=int) for t in texts]
             return self.sp.encode(texts, out_type=int, num_threads=2)
         spm.set_random_generator_seed(seed)
         return self.sp.encode(texts, out_type=int, enable_sampling=True, alpha=alpha, nbest_size=-1,
