@@ -111,7 +111,7 @@ def read_meta(run: Path) -> dict:
 
 def load_run(run: str | Path, *, weights: str = "model"):
     """Build the model of a run directory: returns (config, model in eval mode, tokenizer)."""
-    from mt.model import build_model
+    from mt.models import build_model
     from mt.tokenizer import Tokenizer
 
     run = Path(run)

@@ -64,6 +64,11 @@ class ModelConfig:
     max_positions: int = 1024           # longest sequence the sinusoidal table covers
     tie_embeddings: bool = True         # share source/target/output embeddings (joint vocabulary)
 
+    @property
+    def language_model(self) -> bool:
+        """Whether the model is P(x) of monolingual text (trained on one side of a corpus)."""
+        return self.arch in LM_ARCHS
+
 
 @dataclass
 class TrainConfig:
@@ -109,6 +114,11 @@ class DecodeConfig:
     max_len_b: int = 10
     batch_tokens: int = 6000            # source tokens x beam per translation batch
     max_batch_sentences: int = 128      # and at most this many sentences per batch
+    sample: bool = False                # ancestral sampling instead of search
+    temperature: float = 1.0            # sampling: divide the logits by this
+    top_k: int = 0                      # sampling: among the k best tokens only (0: all)
+    top_p: float = 1.0                  # sampling: among the smallest set with this much mass (1: all)
+    seed: int = 0                       # sampling: draws are keyed by (seed, sentence, step)
 
 
 @dataclass

@@ -52,8 +52,9 @@ def read_parallel(prefix: str, src_lang: str, tgt_lang: str, limit: int = 0) -> 
     return src, tgt
 
 
-def read_hf(cfg: DataConfig, split: str, limit: int = 0) -> tuple[list[str], list[str]]:
-    """Pairs from a `datasets` dataset whose `hf_field` column holds {lang: text} dicts."""
+def load_hf_split(cfg: DataConfig, split: str, column: str, limit: int = 0):
+    """Column `column` of a split of the `datasets` dataset cfg.hf_dataset (a hub name, or a
+    save_to_disk directory), its first `limit` rows when limit > 0."""
     import datasets  # heavy import: only when a hub corpus is used
 
     try:
@@ -66,10 +67,15 @@ def read_hf(cfg: DataConfig, split: str, limit: int = 0) -> tuple[list[str], lis
         raise MTError(f"dataset {cfg.hf_dataset!r} split {split!r}: {str(e).splitlines()[0]}") from None
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    if cfg.hf_field not in ds.column_names:
-        raise MTError(f"dataset {cfg.hf_dataset!r}: no column {cfg.hf_field!r} (has {ds.column_names})")
+    if column not in ds.column_names:
+        raise MTError(f"dataset {cfg.hf_dataset!r}: no column {column!r} (has {ds.column_names})")
+    return ds[column]
+
+
+def read_hf(cfg: DataConfig, split: str, limit: int = 0) -> tuple[list[str], list[str]]:
+    """Pairs from a `datasets` dataset whose `hf_field` column holds {lang: text} dicts."""
     src, tgt = [], []
-    for row in ds[cfg.hf_field]:
+    for row in load_hf_split(cfg, split, cfg.hf_field, limit):
         for lang in (cfg.src_lang, cfg.tgt_lang):
             if lang not in row:
                 raise MTError(f"dataset {cfg.hf_dataset!r}: language {lang!r} not in {sorted(row)}")
@@ -94,18 +100,8 @@ def read_text_split(cfg: DataConfig, split: str) -> list[str]:
     `hf_text_field` column of a `datasets` split."""
     limit = cfg.max_sentences if split == "train" else cfg.max_valid_sentences
     if cfg.hf_dataset:
-        import datasets
-
         name = cfg.hf_train_split if split == "train" else cfg.hf_valid_split
-        try:
-            ds = (datasets.load_from_disk(cfg.hf_dataset)[name] if Path(cfg.hf_dataset).is_dir()
-                  else datasets.load_dataset(cfg.hf_dataset, cfg.hf_config or None, split=name))
-        except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
-            raise MTError(f"dataset {cfg.hf_dataset!r} split {name!r}: {str(e).splitlines()[0]}") from None
-        if cfg.hf_text_field not in ds.column_names:
-            raise MTError(f"dataset {cfg.hf_dataset!r}: no column {cfg.hf_text_field!r} (has {ds.column_names})")
-        texts = ds[cfg.hf_text_field]
-        return texts[:limit] if limit else texts
+        return list(load_hf_split(cfg, name, cfg.hf_text_field, limit))
     prefix = cfg.train if split == "train" else cfg.valid
     if not prefix:
         raise MTError(f"data.{split} is not set (a file prefix, or set data.hf_dataset)")

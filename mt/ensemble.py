@@ -23,9 +23,12 @@ class EnsembleCache:
         for cache in self.caches:
             cache.expand(k)
 
-    def reorder(self, index: torch.Tensor, memory_index: torch.Tensor | None = None) -> None:
+    def reorder(self, new_order: torch.Tensor) -> None:
         for cache in self.caches:
-            cache.reorder(index, memory_index)
+            cache.reorder(new_order)
+
+    def advance(self, n: int) -> None:
+        pass  # each member's step advances its own cache
 
 
 class Ensemble(nn.Module):
@@ -35,13 +38,20 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble needs at least two models")
         self.members = nn.ModuleList(models)
         self.cfg = models[0].cfg
+        self.reads_prompts = models[0].reads_prompts
+
+    def max_source_tokens(self) -> int:
+        return min(m.max_source_tokens() for m in self.members)
+
+    def max_output_tokens(self, source_lengths):
+        return self.members[0].max_output_tokens(source_lengths)
 
     def _mean(self, logprobs: list[torch.Tensor]) -> torch.Tensor:
         """log of the mean of the members' probabilities."""
         return torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(logprobs))
 
-    def new_cache(self, src, max_len: int, group: int = 1) -> EnsembleCache:
-        return EnsembleCache([m.new_cache(src, max_len, group) for m in self.members])
+    def new_cache(self, src, max_len: int) -> EnsembleCache:
+        return EnsembleCache([m.new_cache(src, max_len) for m in self.members])
 
     def step(self, tokens, cache: EnsembleCache):
         return self._mean([m.step(tokens, c) for m, c in zip(self.members, cache.caches)])

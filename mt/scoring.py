@@ -1,18 +1,21 @@
 """Point estimation: log P(y | x) of given pairs by teacher forcing, and perplexities from it.
 
 log P(y | x) = sum over target tokens, EOS included, of log P(y_i | y_<i, x), under exactly the
-distribution decoding uses (model.log_probs), so a score equals the sum of the per-step log-probs
-search saw when it produced the same sequence.
+distribution decoding uses (model.normalize of the logits), so a score equals the sum of the
+per-step log-probs search saw when it produced the same sequence. Validation uses the same loop.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
+import numpy as np
 import torch
 
 from mt import data as data_mod
 from mt.data import ParallelData, TokenArray
+from mt.tokenizer import PAD
 
 
 @dataclass
@@ -26,21 +29,33 @@ class PairScore:
 
 
 @torch.inference_mode()
-def score_ids(model, src_ids: list[list[int]], tgt_ids: list[list[int]], *, batch_tokens: int,
-              device) -> list[PairScore]:
-    """Score id sequences (without BOS/EOS) in length-sorted token batches; results in input order."""
-    data = ParallelData(TokenArray.from_lists(src_ids), TokenArray.from_lists(tgt_ids))
-    out: list[PairScore | None] = [None] * len(src_ids)
+def token_logprobs(model, data: ParallelData, *, batch_tokens: int, device) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Teacher forcing over `data` in length-sorted token batches: yields (indices of the batch,
+    log P of each target token (B, T) in float64 (0 at padding), the non-pad mask (B, T))."""
     for idx in data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens,
                                       seed=0, epoch=0, shuffle=False):
         b = {k: v.to(device) for k, v in data_mod.collate(data, idx).items()}
-        mask = b["tgt_out"] != 0
+        mask = b["tgt_out"] != PAD
         lprobs = model.normalize(model(b["src"], b["tgt_in"], b["tgt_out"]))   # (N, V)
         tok_lp = torch.zeros(mask.shape, dtype=torch.float64, device=device)  # (B, T)
         tok_lp[mask] = lprobs.gather(1, b["tgt_out"][mask][:, None]).squeeze(1).double()
+        yield idx, tok_lp, mask
+
+
+def score_data(model, data: ParallelData, *, batch_tokens: int, device) -> list[PairScore]:
+    """A PairScore per pair of `data`, in its order."""
+    out: list[PairScore | None] = [None] * len(data.tgt)
+    for idx, tok_lp, mask in token_logprobs(model, data, batch_tokens=batch_tokens, device=device):
         for row, i in enumerate(idx.tolist()):
             out[i] = PairScore(float(tok_lp[row].sum()), int(mask[row].sum()))
     return out
+
+
+def score_ids(model, src_ids: list[list[int]], tgt_ids: list[list[int]], *, batch_tokens: int,
+              device) -> list[PairScore]:
+    """Score id sequences (without BOS/EOS); results in input order."""
+    data = ParallelData(TokenArray.from_lists(src_ids), TokenArray.from_lists(tgt_ids))
+    return score_data(model, data, batch_tokens=batch_tokens, device=device)
 
 
 def perplexities(scores: list[PairScore]) -> dict:
@@ -59,4 +74,4 @@ def _safe_exp(x: float) -> float:
     return math.exp(x) if x < 709 else float("inf")
 
 
-__all__ = ["PairScore", "score_ids", "perplexities"]
+__all__ = ["PairScore", "token_logprobs", "score_data", "score_ids", "perplexities"]

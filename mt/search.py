@@ -1,9 +1,9 @@
 """Greedy decoding, ancestral sampling and beam search over token ids (no text here).
 
 Every routine drives a model through two calls: `model.new_cache(src, max_len)` (encode once,
-preallocate the key/value cache) and `model.step(tokens, cache)` -> next-token log-probs (B, V).
-Finished sentences are dropped from the batch (`cache.reorder`, which copies only the rows that
-move), so they cost nothing afterwards.
+preallocate the decoding state) and `model.step(tokens, cache)` -> next-token log-probs (B, V), and
+the cache only through its protocol (mt.models.cache.DecodingCache). Finished sentences are dropped
+from the batch (`cache.reorder`), so they cost nothing afterwards.
 Beam search runs its first step once per sentence and then repeats each row k times (`cache.expand`).
 Sampling draws one counter-based uniform per (seed, sentence id, step): the same seed and input give
 the same output whatever the batch size or order.
@@ -101,8 +101,7 @@ def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int 
             if done.all():
                 break
             keep = _fill_holes(done)
-            keep_dev = keep.to(src.device)
-            cache.reorder(keep_dev, keep_dev)
+            cache.reorder(keep.to(src.device))
             alive, nxt = alive[keep], nxt[keep]
         tokens = nxt[:, None].to(src.device)
     return [_finish(out_tok[b, :lengths[b] - 1].tolist(), out_lp[b, :lengths[b]].tolist(), length_penalty)
@@ -196,7 +195,7 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
         keep_sent = _fill_holes(done_t)  # sentence order does not matter; fewer source rows move
         rows = (keep_sent[:, None] * k + torch.arange(k)).view(-1)
         src_rows = src_rows[rows]
-        cache.reorder(src_rows.to(src.device), None if len(keep_sent) == b else keep_sent.to(src.device))
+        cache.reorder(src_rows.to(src.device))
         alive, scores = alive[keep_sent], scores[keep_sent]
         hist_tok, hist_lp = hist_tok[rows], hist_lp[rows]
         tokens = new_tok[rows][:, None].to(src.device)

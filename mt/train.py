@@ -24,16 +24,14 @@ from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load, set_seed
 from tqdm import tqdm
 
-from mt import checkpoint, data as data_mod
-from mt.config import LM_ARCHS, Config
+from mt import checkpoint, data as data_mod, fast
+from mt.config import Config
 from mt.errors import MTError
 from mt.loss import smoothed_cross_entropy, symmetric_kl
-from mt.model import build_model
+from mt.models import build_model
 from mt.schedule import budget_used, lr_at
-from mt.validation import use_average, validate
 from mt.tokenizer import PAD, Tokenizer, train_tokenizer
-from mt.translate import Translator
-
+from mt.validation import improves, selection_metric, use_average, validate
 
 
 def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr: float,
@@ -99,7 +97,7 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
     re-segments the training data for that epoch when data.spm_alpha > 0 (else it is None; only then
     are the raw texts kept in memory).
     """
-    lm = cfg.model.arch in LM_ARCHS
+    lm = cfg.model.language_model
     if lm:
         tgt = data_mod.read_text_split(cfg.data, "train")
         src = []
@@ -161,21 +159,39 @@ class Progress:
         self.__dict__.update(json.loads(path.read_text()))
 
 
-def train(cfg: Config, *, resume: bool = False) -> Path:
-    """Train the model described by `cfg`; returns the run directory."""
+def new_accelerator(cfg: Config, *, speed_paths: bool = True) -> Accelerator:
+    """This process's Accelerator (and torch threads, and mt.fast's process settings)."""
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    if speed_paths:
+        fast.tune_process()
+    return Accelerator(mixed_precision=cfg.train.precision)
+
+
+def build_training(cfg: Config, vocab_size: int, accelerator: Accelerator, *, speed_paths: bool = True):
+    """The model (fast paths on unless speed_paths=False), AdamW, torch.compile if asked, through
+    accelerator.prepare: returns (raw model, prepared model, prepared optimizer)."""
     tc = cfg.train
-    torch.set_num_threads(tc.threads or os.cpu_count() or 1)
-    accelerator = Accelerator(mixed_precision=tc.precision)
-    run = prepare_run(cfg, accelerator, resume)
-    set_seed(tc.seed)
-    tok, train_data, valid, resample = load_data(cfg, run, accelerator)
-    raw_model = build_model(cfg.model, len(tok))
+    raw_model = build_model(cfg.model, vocab_size)
+    if speed_paths:
+        fast.enable(raw_model)
     opt_kwargs = {"fused": True} if accelerator.device.type in ("cpu", "cuda") else {}
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                   weight_decay=tc.weight_decay, **opt_kwargs)
     # batches vary in shape: dynamic shapes compile once instead of once per length
     model = torch.compile(raw_model, dynamic=True) if tc.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
+    return raw_model, model, optimizer
+
+
+def train(cfg: Config, *, resume: bool = False, speed_paths: bool = True) -> Path:
+    """Train the model described by `cfg`; returns the run directory. speed_paths: mt.fast's CPU
+    layers and process settings (same results, faster)."""
+    tc = cfg.train
+    accelerator = new_accelerator(cfg, speed_paths=speed_paths)
+    run = prepare_run(cfg, accelerator, resume)
+    set_seed(tc.seed)
+    tok, train_data, valid, resample = load_data(cfg, run, accelerator)
+    raw_model, model, optimizer = build_training(cfg, len(tok), accelerator, speed_paths=speed_paths)
     progress = Progress()
     if accelerator.is_main_process:
         checkpoint.save_config(cfg, run, vocab_size=len(tok))
@@ -189,7 +205,6 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         except Exception as e:  # truncated, corrupted or unsafe (pickled objects are refused) state
             raise MTError(f"{state}: cannot resume from this state ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    translator = Translator(raw_model, tok, cfg, device=str(accelerator.device))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_update = tc.accum_steps * world
     data_epoch = 0  # the epoch whose segmentation train_data holds (data.spm_alpha)
@@ -230,9 +245,9 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         if valid is None or not accelerator.is_main_process:
             accelerator.wait_for_everyone()
             return
-        scores = validate(raw_model, translator, valid, cfg)
-        metric = scores["valid_bleu"] if "valid_bleu" in scores and tc.best_metric == "bleu" else -scores["valid_loss"]
-        if progress.best is None or metric > progress.best:
+        scores = validate(raw_model, tok, valid, cfg, accelerator.device)
+        metric = selection_metric(scores, cfg)
+        if improves(metric, progress.best):
             progress.best, progress.stale = metric, 0
             checkpoint.save_weights(raw_model, run / "model.safetensors")
             checkpoint.save_config(cfg, run, vocab_size=len(tok), step=progress.step, **scores)
@@ -311,7 +326,7 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         run_validation()
     save_state()
     if tc.average_last > 1 and not stopped_by_faults and not stop_signal and accelerator.is_main_process:
-        use_average(raw_model, translator, valid, cfg, run, progress, vocab_size=len(tok), log=log)
+        use_average(raw_model, tok, valid, cfg, run, progress, device=accelerator.device, log=log)
     accelerator.wait_for_everyone()
     if stopped_by_faults:
         raise MTError(f"training stopped: {tc.max_bad_steps} non-finite losses in a row at step {progress.step} "

@@ -1,235 +1,182 @@
 """Translator: a trained run as a library object (`mt.load(run)`), text in, text out.
 
-Sentences are tokenized, sorted by length, cut into batches of at most `decode.batch_tokens` source
-tokens x beam, decoded on the key/value cache (mt.search), and returned in input order. Empty or
-whitespace-only inputs give empty outputs without touching the model. `translate_stream` reads an
-iterable lazily, one window at a time, and yields results in input order as each window finishes.
+Modelled on CTranslate2's Python API: keyword-only options, None meaning the run's `decode` config
+(mt.config.DecodeConfig, sampling defaults included).
+- `translate_batch(sources)` -> per source a list of Translation (best first);
+- `translate_iterable(lines)` streams: reads `window` lines at a time, yields in input order;
+- `score_batch(sources, targets)` -> log P(y | x) per pair (PairScore);
+- `generate_batch(prompts, num_samples=n)` -> samples (for a language model: prompt + continuation);
+- `translate(sources, beam_size=5)` -> the best translations as strings (a thin alias).
+Empty or whitespace-only sources give no hypotheses (an empty line) without touching the model.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import sys
-import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn as nn
 
 from mt.checkpoint import load_run
-from mt.compiled import CompiledDecoder
-from mt.config import LM_ARCHS, Config
+from mt.config import Config, DecodeConfig
+from mt.decoding import clean_line, decode_ids, encode_sources
 from mt.ensemble import Ensemble
 from mt.errors import MTError
-from mt.linear import Linear
-from mt.scoring import PairScore, perplexities, score_ids
-from mt.search import Hypothesis, beam_search, generate
-from mt.tokenizer import EOS, PAD, Tokenizer
+from mt.scoring import PairScore, score_ids
+from mt.search import Hypothesis
+from mt.tokenizer import Tokenizer
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of every linear layer, the tied output projection included: weights
-    stored int8 with one scale per output row (per channel: a row far smaller than the largest keeps
-    its precision), activations quantized per batch. CPU inference only. Returns a converted copy."""
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if type(m) is Linear:  # quantize_dynamic converts exact nn.Linear only; the parameters are the same
-            m.__class__ = nn.Linear
-    if getattr(model, "output", "absent") is None:  # tied: give the projection a weight of its own
-        emb = model.tgt_embed if hasattr(model, "tgt_embed") else model.embed
-        model.output = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False)
-        model.output.weight = nn.Parameter(emb.weight.detach().clone())
-    per_channel = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
-    with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; they still work
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, per_channel, dtype=torch.qint8, inplace=True)
-
-
-def clean_line(text: str) -> str:
-    """Drop line ends, NULs and other control characters that SentencePiece must not see."""
-    text = text.rstrip("\r\n")
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else " " for ch in text)
+@dataclass
+class Translation:
+    text: str               # detokenized output
+    tokens: list[int]       # output ids, without BOS and EOS
+    logprob: float          # log P(y | x), EOS included
+    score: float            # logprob / len(y + EOS) ** length_penalty
 
 
 class Translator:
-    """Translate with a trained model. All options are keyword-only; None means the run's decode config."""
+    """Decode and score with a model and its tokenizer. `decoder`: what batch-1 greedy search and
+    sampling run on instead of the model (mt.fast.aot.AotDecoder), or None."""
 
-    def __init__(self, model, tokenizer: Tokenizer, cfg: Config, *, device: str = "cpu", compile: bool = False):
+    def __init__(self, model, tokenizer: Tokenizer, cfg: Config, *, device: str = "cpu", decoder=None):
         self.model, self.tokenizer, self.cfg = model.to(device).eval(), tokenizer, cfg
         self.device = torch.device(device)
-        # batch-1 greedy search and sampling through a compiled step (mt.compiled), for latency
-        self.compiled = CompiledDecoder(self.model) if compile else None
-        self._told_uncompiled = False
-        # leave room for EOS; longer inputs are truncated (with a warning)
-        self.lm = cfg.model.arch in LM_ARCHS  # inputs are prompts to continue, not sentences to translate
-        # leave room for EOS and the output (prefix LMs read source and target as one sequence)
-        self.max_src_tokens = cfg.model.max_positions // (2 if cfg.model.arch == "prefix_lm" else 1) - 1
-        self.warn = lambda msg: print(f"mt: warning: {msg}", file=sys.stderr)
+        self.decoder = decoder
+        self._told_beam_is_eager = False
 
     @classmethod
     def load(cls, run: str | Path | list, *, device: str | None = None, weights: str = "model",
-             quantize: str | None = None, compile: bool = False) -> "Translator":
+             quantize: str | None = None, aot: bool = False, fast: bool = True) -> "Translator":
         """`run`: a run directory, or a list of them to decode as an ensemble (mt.ensemble; the runs
         must share their tokenizer). quantize="int8": dynamic int8 linear layers (CPU inference only).
-        compile: greedy search and sampling one sentence at a time through a compiled decoder step
-        (mt.compiled: lowest latency per sentence on CPU; beam search is unaffected)."""
+        aot: greedy search and sampling one sentence at a time through the ahead-of-time compiled
+        encoder and decoder step (mt.fast.aot: lowest latency per sentence on CPU; beam search is
+        unaffected). fast: the CPU speed paths of mt.fast (same results)."""
+        from mt import fast as fast_paths
+        from mt.fast.int8 import quantize_int8
+
         runs = [run] if isinstance(run, (str, Path)) else list(run)
         if quantize not in (None, "int8"):
-            raise ValueError(f"unknown quantization {quantize!r} (int8)")
+            raise MTError(f"unknown quantization {quantize!r} (int8)")
         loaded = [load_run(r, weights=weights) for r in runs]
         cfg, model, tok = loaded[0]
         for r, (c, _, t) in zip(runs[1:], loaded[1:]):
             if not t.same_as(tok) or c.model.arch != cfg.model.arch:
                 raise MTError(f"{r}: cannot ensemble with {runs[0]}: the runs must share tokenizer and model type")
-        models = [quantize_int8(m) if quantize else m for _, m, _ in loaded]
-        model = models[0] if len(models) == 1 else Ensemble(models)
+        models = [m for _, m, _ in loaded]
         if quantize:
-            device = "cpu"
-        elif compile:
+            models, device = [quantize_int8(m) for m in models], "cpu"
+        elif aot:
             device = device or "cpu"
-        return cls(model, tok, cfg, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                   compile=compile)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        decoder = None
+        if aot:
+            from mt.fast.aot import AotDecoder
 
-    # --- public API ------------------------------------------------------------------------
-    def translate(self, sentences: list[str], *, beam_size: int | None = None,
-                  length_penalty: float | None = None, max_len_a: float | None = None,
-                  max_len_b: int | None = None) -> list[str]:
-        """Translate a list of sentences; beam_size=1 is greedy search."""
-        hyps = self.search(sentences, beam_size=beam_size, length_penalty=length_penalty,
-                           max_len_a=max_len_a, max_len_b=max_len_b)
-        return [self.tokenizer.decode([h[0].tokens])[0] if h else "" for h in hyps]
+            decoder = AotDecoder(models[0] if len(models) == 1 else Ensemble(models))
+        if fast:
+            fast_paths.tune_process()
+            for m in models:
+                fast_paths.enable(m)
+        model = models[0] if len(models) == 1 else Ensemble(models)
+        return cls(model, tok, cfg, device=device, decoder=decoder)
 
-    def translate_stream(self, lines: Iterable[str], *, window: int = 1000, beam_size: int | None = None,
-                         length_penalty: float | None = None, max_len_a: float | None = None,
-                         max_len_b: int | None = None) -> Iterator[str]:
-        """Translate an iterable lazily, `window` lines at a time, yielding outputs in input order."""
-        for hyps in self.search_stream(lines, window=window, beam_size=beam_size, length_penalty=length_penalty,
-                                       max_len_a=max_len_a, max_len_b=max_len_b):
-            yield self.tokenizer.decode([hyps[0].tokens])[0] if hyps else ""
+    # --- the API ---------------------------------------------------------------------------
+    def translate_batch(self, sources: list[str], *, beam_size: int | None = None, num_hypotheses: int = 1,
+                        length_penalty: float | None = None, max_len_a: float | None = None,
+                        max_len_b: int | None = None, sample: bool | None = None, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                        line_numbers: list[int] | None = None) -> list[list[Translation]]:
+        """Per source, its `num_hypotheses` best translations (or samples with sample=True), best first.
 
-    def search_stream(self, lines: Iterable[str], *, window: int = 1000, **options) -> Iterator[list[Hypothesis]]:
-        """`search` over an iterable, `window` lines at a time (options as for `search`); sampling
-        draws are keyed by global line numbers, so they do not depend on the window."""
+        beam_size 1 is greedy search. Draw j of source i is keyed by (seed, line i, j), so samples do
+        not depend on the batching; `line_numbers` (0-based) number the sources for that and for
+        warnings (default: their positions).
+        """
+        options = self._options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+                                max_len_b=max_len_b, sample=sample, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed)
+        if not options.sample:
+            options = replace(options, beam_size=max(options.beam_size, num_hypotheses))
+        hyps = self._decode(sources, options, num_hypotheses, line_numbers)
+        texts = self.tokenizer.decode([h.tokens for hs in hyps for h in hs])
+        it = iter(texts)
+        return [[Translation(next(it), h.tokens, h.logprob, h.score) for h in hs] for hs in hyps]
+
+    def translate_iterable(self, lines: Iterable[str], *, window: int = 1000, beam_size: int | None = None,
+                           num_hypotheses: int = 1, length_penalty: float | None = None,
+                           max_len_a: float | None = None, max_len_b: int | None = None, sample: bool | None = None,
+                           temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                           seed: int | None = None) -> Iterator[list[Translation]]:
+        """translate_batch over an iterable read lazily, `window` lines at a time (sorted by length
+        within it), yielding each line's translations in input order as its window finishes."""
         it, start = iter(lines), 0
         while chunk := list(itertools.islice(it, window)):
-            yield from self.search(chunk, ids=range(start, start + len(chunk)), **options)
+            yield from self.translate_batch(
+                chunk, beam_size=beam_size, num_hypotheses=num_hypotheses, length_penalty=length_penalty,
+                max_len_a=max_len_a, max_len_b=max_len_b, sample=sample, temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed, line_numbers=list(range(start, start + len(chunk))))
             start += len(chunk)
 
-    def sample(self, sentences: list[str], *, n: int = 4, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, max_len_a: float | None = None,
-               max_len_b: int | None = None) -> list[list[str]]:
-        """`n` ancestral samples per sentence (temperature, then top-k, then nucleus top-p filtering).
-
-        Draw j of sentence i is keyed by (seed, i * n + j): reproducible whatever the batching.
-        """
-        rep = [s for s in sentences for _ in range(n)]
-        hyps = self.search(rep, sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, max_len_a=max_len_a, max_len_b=max_len_b)
+    def generate_batch(self, prompts: list[str], *, num_samples: int = 4, temperature: float | None = None,
+                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                       max_len_a: float | None = None, max_len_b: int | None = None) -> list[list[str]]:
+        """`num_samples` ancestral samples per prompt (temperature, then top-k, then nucleus top-p):
+        for a language model the prompt and its continuation, for a translation model translations."""
+        results = self.translate_batch(prompts, num_hypotheses=num_samples, sample=True, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, seed=seed, max_len_a=max_len_a, max_len_b=max_len_b)
+        if not self.model.reads_prompts:
+            return [[t.text for t in ts] for ts in results]
         # a language model's sample is the prompt and its continuation, decoded together
-        prompts = self.tokenizer.encode([clean_line(s) for s in rep]) if self.lm else [[] for _ in rep]
-        texts = self.tokenizer.decode([p + h[0].tokens if h else p for p, h in zip(prompts, hyps)])
-        return [texts[i * n:(i + 1) * n] for i in range(len(sentences))]
+        prompt_ids = encode_sources(self.tokenizer, prompts, model=self.model)
+        return [self.tokenizer.decode([prompt_ids.get(i, []) + t.tokens for t in ts]) for i, ts in enumerate(results)]
 
-    def score(self, sources: list[str], targets: list[str]) -> list[float]:
-        """log P(target | source) per pair (natural log, EOS included)."""
-        return [s.logprob for s in self.score_pairs(sources, targets)]
-
-    def score_pairs(self, sources: list[str], targets: list[str]) -> list[PairScore]:
-        """log P(y | x) and the number of target tokens scored, per pair."""
+    def score_batch(self, sources: list[str], targets: list[str]) -> list[PairScore]:
+        """log P(target | source) and the number of target tokens scored (EOS included), per pair;
+        a language model scores log P(target) (give empty sources)."""
         if len(sources) != len(targets):
-            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-        src_ids = [s[:self.max_src_tokens] for s in self.tokenizer.encode([clean_line(x) for x in sources])]
-        tgt_ids = [t[:self.max_src_tokens] for t in self.tokenizer.encode([clean_line(y) for y in targets])]
-        return score_ids(self.model, src_ids, tgt_ids, batch_tokens=self.cfg.decode.batch_tokens,
-                         device=self.device)
+            raise MTError(f"{len(sources)} sources but {len(targets)} targets")
+        limit = self.model.max_source_tokens()
+        src_ids = [s[:limit] for s in self.tokenizer.encode([clean_line(x) for x in sources])]
+        tgt_ids = [t[:limit] for t in self.tokenizer.encode([clean_line(y) for y in targets])]
+        return score_ids(self.model, src_ids, tgt_ids, batch_tokens=self.cfg.decode.batch_tokens, device=self.device)
 
-    def score_texts(self, texts: list[str]) -> list[PairScore]:
-        """Language models: log P(x) of each text (BOS x EOS; EOS included in the score)."""
-        return self.score_pairs([""] * len(texts), texts)
+    def translate(self, sources: list[str], *, beam_size: int | None = None, length_penalty: float | None = None,
+                  max_len_a: float | None = None, max_len_b: int | None = None) -> list[str]:
+        """The best translation of each source (beam_size=1: greedy search)."""
+        results = self.translate_batch(sources, beam_size=beam_size, length_penalty=length_penalty,
+                                       max_len_a=max_len_a, max_len_b=max_len_b)
+        return [r[0].text if r else "" for r in results]
 
-    def perplexity(self, sources: list[str], targets: list[str]) -> dict:
-        """Per-token and per-sentence perplexity of the targets given the sources (see mt.scoring)."""
-        return perplexities(self.score_pairs(sources, targets))
-
-    def search(self, sentences: list[str], *, beam_size: int | None = None,
-               length_penalty: float | None = None, max_len_a: float | None = None,
-               max_len_b: int | None = None, nbest: int = 1, sample: bool = False,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-               ids: list[int] | None = None) -> list[list[Hypothesis]]:
-        """Hypotheses per sentence (empty list for an empty input), best first.
-
-        `ids` key the sampling random numbers per sentence (default: positions in `sentences`).
-        """
-        dc = replace(self.cfg.decode, **{k: v for k, v in dict(
-            beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
-            max_len_b=max_len_b).items() if v is not None})
-        texts = [clean_line(s) for s in sentences]
-        ids = list(range(len(texts))) if ids is None else list(ids)
-        out: list[list[Hypothesis]] = [[] for _ in texts]
-        todo = [i for i, s in enumerate(texts) if s.strip() or self.lm]  # an LM continues an empty prompt
-        encoded = self.tokenizer.encode([texts[i] for i in todo])
-        src_ids = {}
-        for i, ids_ in zip(todo, encoded):
-            if len(ids_) > self.max_src_tokens:
-                self.warn(f"input {ids[i] + 1} has {len(ids_)} tokens; truncated to {self.max_src_tokens}")
-                ids_ = ids_[:self.max_src_tokens]
-            src_ids[i] = ids_
-        width = 1 if sample else dc.beam_size
-        one_at_a_time = self.compiled is not None and (sample or dc.beam_size == 1)
-        if self.compiled is not None and not one_at_a_time and not self._told_uncompiled:
-            self.warn("--compile speeds up greedy search (--greedy) and sampling only; beam search runs uncompiled")
-            self._told_uncompiled = True
-        batches = ([i] for i in todo) if one_at_a_time else self._batches(todo, src_ids, width, dc)
-        for batch in batches:
-            src = self._pad([src_ids[i] for i in batch])
-            lens = torch.tensor([len(src_ids[i]) for i in batch])
-            max_lens = (dc.max_len_a * lens + dc.max_len_b).long()
-            used = lens + 1 if self.cfg.model.arch != "transformer" else torch.zeros_like(lens)
-            max_lens = torch.minimum(max_lens, self.cfg.model.max_positions - 2 - used)  # positions left
-            if one_at_a_time:
-                sampling = dict(ids=torch.tensor([ids[batch[0]]]), seed=seed, temperature=temperature, top_k=top_k,
-                                top_p=top_p) if sample else None
-                res = [[self.compiled.search(src, int(max_lens[0]), dc.length_penalty, sampling)]]
-            elif sample or dc.beam_size == 1:
-                res = generate(self.model, src, max_lens, sample=sample, ids=[ids[i] for i in batch],
-                               seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                               length_penalty=dc.length_penalty)
-                res = [[h] for h in res]
-            else:
-                res = beam_search(self.model, src, max_lens, beam_size=dc.beam_size,
-                                  length_penalty=dc.length_penalty, nbest=nbest)
-            for i, hyps in zip(batch, res):
-                out[i] = hyps
-        return out
+    def default_window(self, *, interactive: bool = False, beam_size: int | None = None,
+                       sample: bool | None = None, num_hypotheses: int = 1) -> int:
+        """Lines translate_iterable should read ahead: 1 for a terminal, or where the compiled step
+        decodes one line at a time anyway (so each line is answered as it arrives), else 1000."""
+        options = self._options(beam_size=beam_size, sample=sample)
+        return 1 if interactive or self._one_at_a_time(options, num_hypotheses) else 1000
 
     # --- helpers ---------------------------------------------------------------------------
-    def _batches(self, todo: list[int], src_ids: dict, width: int, dc) -> Iterator[list[int]]:
-        """Longest first, at most batch_tokens (source tokens x width) and max_batch_sentences."""
-        order = sorted(todo, key=lambda i: len(src_ids[i]), reverse=True)
-        batch: list[int] = []
-        longest = 0
-        for i in order:
-            n = len(src_ids[i]) + 1
-            longest = max(longest, n)
-            if batch and ((len(batch) + 1) * longest * width > dc.batch_tokens
-                          or len(batch) >= dc.max_batch_sentences):
-                yield batch
-                batch, longest = [], n
-            batch.append(i)
-        if batch:
-            yield batch
+    def _one_at_a_time(self, options: DecodeConfig, num_hypotheses: int = 1) -> bool:
+        """Whether the batch-1 compiled step decodes these options (greedy search, or sampling)."""
+        return self.decoder is not None and (options.sample or options.beam_size == 1 and num_hypotheses == 1)
 
-    def _pad(self, seqs: list[list[int]]) -> torch.Tensor:
-        """x EOS (a prompt for an LM: x alone), right-padded: (B, S)."""
-        eos = 0 if self.lm else 1
-        S = max(len(s) for s in seqs) + eos
-        src = torch.full((len(seqs), S), PAD, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            src[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-            if eos:
-                src[b, len(s)] = EOS
-        return src.to(self.device)
+    def _options(self, **given) -> DecodeConfig:
+        return replace(self.cfg.decode, **{k: v for k, v in given.items() if v is not None})
+
+    def _decode(self, sources: list[str], options: DecodeConfig, num_hypotheses: int,
+                line_numbers) -> list[list[Hypothesis]]:
+        src_ids = encode_sources(self.tokenizer, sources, model=self.model, line_numbers=line_numbers, warn=warn)
+        one_at_a_time = self._one_at_a_time(options, num_hypotheses)
+        if self.decoder is not None and not one_at_a_time and not self._told_beam_is_eager:
+            warn("--aot speeds up greedy search (--greedy) and sampling only; beam search runs uncompiled")
+            self._told_beam_is_eager = True
+        return decode_ids(self.decoder if one_at_a_time else self.model, src_ids, len(sources), options=options,
+                          device=self.device, num_hypotheses=num_hypotheses, ids=line_numbers,
+                          one_at_a_time=one_at_a_time)
+
+
+def warn(msg: str) -> None:
+    print(f"mt: warning: {msg}", file=sys.stderr)

@@ -9,15 +9,25 @@ import pytest
 import torch
 
 from mt.config import ModelConfig
-from mt.model import Transformer
+from mt.models import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MULTI30K = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
 
 
+SLOW_FIXTURES = {"trained_run", "multi30k_dir"}  # a training or a pass over real data
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that train a model or read Multi30K are `slow`: `pytest -m "not slow"` is the fast lane."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compiled_step_cache(tmp_path_factory):
-    """`--compile` keeps compiled decoder steps in $MT_CACHE_DIR: the tests' own, not the user's."""
+    """`--aot` keeps compiled decoder steps in $MT_CACHE_DIR: the tests' own, not the user's."""
     import os
 
     path = tmp_path_factory.mktemp("mt-cache")

@@ -3,9 +3,11 @@ import json
 
 import pytest
 
+import mt
+
 from conftest import make_model
 from test_cli import mt_cli
-from mt.bench import decode_step_bytes
+from mt.tools.bench import decode_step_bytes
 from mt.ensemble import Ensemble
 
 
@@ -29,15 +31,15 @@ def test_bench_translate_cli(trained_run, multi30k_dir, tmp_path):
     assert out.exit_code == 0, out.output
     r = json.loads(out.stdout)
     assert r["sentences"] == 2 and r["ms_per_token"] > 0 and r["memory_gb_per_s"] > 0
-    assert r["bound_ms_per_token"] == pytest.approx(r["weights_mb_per_step"] * 2**20 / (r["memory_gb_per_s"] * 1e9) * 1000)
-    assert r["weights_read_bound_ms_per_token"] == pytest.approx(
-        r["weights_mb_per_step"] * 2**20 / (r["weights_read_gb_per_s"] * 1e9) * 1000)
-    assert r["ratio_to_weights_read_bound"] == pytest.approx(r["ms_per_token"] / r["weights_read_bound_ms_per_token"])
+    # the weights a step reads are the loaded model's, counted independently of the bench
+    model = mt.load(trained_run, device="cpu").model
+    assert r["weights_mb_per_step"] == pytest.approx(decode_step_bytes(model) / 2**20, rel=1e-3)
+    assert 0 < r["bound_ms_per_token"] and 0 < r["weights_read_bound_ms_per_token"]
 
 
 def test_read_bandwidth_counts_the_bytes_it_reads(monkeypatch):
     """read_bandwidth = bytes of the buffer / the median time of one pass over it."""
-    from mt import bench
+    from mt.tools import bench
     clock = iter(range(1000))  # each perf_counter call one second later: every pass takes 1 s
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
     assert bench.read_bandwidth(4096, reps=5) == pytest.approx(4096)

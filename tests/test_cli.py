@@ -141,14 +141,14 @@ def test_batch_options_bound_the_batches_and_keep_the_output(trained_run, multi3
     default = mt_cli("translate", "-m", trained_run, "--greedy", input=text)
     assert default.exit_code == 0, default.output
     sizes = []
-    from mt.translate import Translator
-    batches = Translator._batches
+    import mt.decoding
+    batches = mt.decoding.token_batches
 
-    def spy(self, *args):
-        for batch in batches(self, *args):
+    def spy(*args):
+        for batch in batches(*args):
             sizes.append(len(batch))
             yield batch
-    monkeypatch.setattr(Translator, "_batches", spy)
+    monkeypatch.setattr(mt.decoding, "token_batches", spy)
     small = mt_cli("translate", "-m", trained_run, "--greedy", "--batch-sentences", 5, input=text)
     assert small.exit_code == 0, small.output
     assert small.stdout == default.stdout

@@ -117,7 +117,7 @@ def test_value_ranges_are_validated():
 def test_recipe_loads(recipe):
     """Every shipped recipe loads and validates; a scaling sweep, every run of it."""
     if recipe.name.startswith("scaling"):
-        from mt import scaling
+        from mt.tools import scaling
         sweep = scaling.read_sweep(recipe)
         assert all(isinstance(scaling.run_config(sweep, e)[0], config.Config) for e in sweep["runs"])
     else:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mt.checkpoint import load_run
-from mt.export import SPECIALS
+from mt.tools.export import SPECIALS
 from mt.translate import Translator
 from test_cli import assert_one_line_error, mt_cli
 
@@ -41,7 +41,7 @@ def test_ctranslate2_scores_equal_mt_log_probs(exported, trained_run, multi30k_d
 
     src = val_sentences(multi30k_dir)
     t = Translator.load(trained_run, device="cpu")
-    hyps = [h[0] for h in t.search(src, beam_size=1)]
+    hyps = [h[0] for h in t.translate_batch(src, beam_size=1)]
     sp = t.tokenizer.sp
     ct2 = ctranslate2.Translator(str(exported), device="cpu", intra_threads=1)
     results = ct2.score_batch([sp.encode(s, out_type=str) + ["</s>"] for s in src],
@@ -59,7 +59,7 @@ def test_ctranslate2_scores_equal_mt_log_probs(exported, trained_run, multi30k_d
 def test_ctranslate2_greedy_output_equals_mt(exported, trained_run, multi30k_dir):
     src = val_sentences(multi30k_dir)
     t = Translator.load(trained_run, device="cpu")
-    ours = [h[0].tokens for h in t.search(src, beam_size=1)]
+    ours = [h[0].tokens for h in t.translate_batch(src, beam_size=1)]
     sp = t.tokenizer.sp
     ct2 = ctranslate2.Translator(str(exported), device="cpu", intra_threads=1)
     res = ct2.translate_batch([sp.encode(s, out_type=str) + ["</s>"] for s in src], beam_size=1,
@@ -77,7 +77,7 @@ def lm_run(trained_run, tmp_path, arch):
 
     from mt import config
     from mt.checkpoint import read_meta, save_config, save_weights
-    from mt.model import build_model
+    from mt.models import build_model
 
     run = tmp_path / arch
     run.mkdir()
@@ -120,7 +120,10 @@ def test_export_refuses_a_non_empty_folder_and_the_linear_lm(trained_run, tmp_pa
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
     assert_one_line_error(mt_cli("export", trained_run, "--out", tmp_path / "busy"), "not empty")
-    cfg, model, tok = load_run(trained_run)
+    from mt.models import build_model
+
+    cfg, _, tok = load_run(trained_run)
     cfg.model.arch = "linear"
-    monkeypatch.setattr("mt.export.load_run", lambda run, weights: (cfg, model, tok))
-    assert_one_line_error(mt_cli("export", trained_run, "--out", tmp_path / "lm"), "linear bag-of-words")
+    linear_lm = build_model(cfg.model, len(tok))
+    monkeypatch.setattr("mt.tools.export.load_run", lambda run, weights: (cfg, linear_lm, tok))
+    assert_one_line_error(mt_cli("export", trained_run, "--out", tmp_path / "lm"), "no CTranslate2 counterpart")

@@ -142,8 +142,8 @@ def test_translator_batch_invariance(trained_run):
     for sentences, tokens in ((1, 1), (64, 100_000)):
         t.cfg.decode.max_batch_sentences, t.cfg.decode.batch_tokens = sentences, tokens
         outs.append(t.translate(src, beam_size=3))
-        scores.append(t.score(src, ref))
-        samples.append(t.sample(src[:4], n=2, seed=5, top_k=20))
+        scores.append([s.logprob for s in t.score_batch(src, ref)])
+        samples.append(t.generate_batch(src[:4], num_samples=2, seed=5, top_k=20))
     assert outs[0] == outs[1]
     assert max(abs(a - b) for a, b in zip(*scores)) < 1e-5
     assert samples[0] == samples[1]

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from conftest import REPO
-from mt import scaling
+from mt.tools import scaling
 from mt.config import ModelConfig
 from mt.errors import MTError
 from test_cli import mt_cli

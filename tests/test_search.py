@@ -30,15 +30,18 @@ class ScriptedCache:
     def expand(self, k):
         self.rows = [row for row in self.rows for _ in range(k)]
 
-    def reorder(self, index, memory_index=None):
-        self.rows = [self.rows[i] for i in index.tolist()]
+    def reorder(self, new_order):
+        self.rows = [self.rows[i] for i in new_order.tolist()]
+
+    def advance(self, n):
+        self.length += n
 
 
 class ScriptedModel:
-    """new_cache/step like mt.model.Transformer, with log-probs read from TABLES."""
+    """new_cache/step like mt.models.Transformer, with log-probs read from TABLES."""
 
-    def new_cache(self, src, max_len, group=1):
-        return ScriptedCache([key for key in src[:, 0].tolist() for _ in range(group)])
+    def new_cache(self, src, max_len):
+        return ScriptedCache(src[:, 0].tolist())
 
     def step(self, tokens, cache):
         lp = torch.full((len(cache.rows), 6), float("-inf"))
@@ -47,7 +50,7 @@ class ScriptedModel:
             cache.rows[r] = (key, prefix)
             for tok, p in TABLES[key].get(prefix, DEFAULT).items():
                 lp[r, tok] = math.log(p)
-        cache.length += tokens.shape[1]
+        cache.advance(tokens.shape[1])
         return lp
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 from mt.config import ModelConfig
 from mt.data import ParallelData, TokenArray, collate, pack
-from mt.model import build_model
+from mt.models import build_model
 from mt.search import beam_search, generate
 from mt.tokenizer import BOS, EOS, PAD
 
@@ -41,14 +41,14 @@ def test_cached_steps_equal_full_forward(arch):
 
 
 @pytest.mark.parametrize("arch", ["prefix_lm", "decoder_only", "linear"])
-def test_expanded_cache_equals_grouped_cache(arch):
-    """Beam search's first step: one row per prompt, then cache.expand(k), equals k rows from the start
-    (padded prompts and the pending prompt token included)."""
+def test_expanded_cache_equals_repeated_prompts(arch):
+    """Beam search's first step: one row per prompt, then cache.expand(k), equals a cache on every
+    prompt repeated k times (padded prompts and the pending prompt token included)."""
     model, k = lm(arch, seed=4), 3
     src = torch.tensor([[5, 6, 7, EOS], [8, 9, EOS, PAD]]) if arch == "prefix_lm" else torch.tensor([[10, 11, 12], [13, PAD, PAD]])
     tgt = torch.tensor([[BOS, 10, 11, 12], [BOS, 13, 14, 15]]).repeat_interleave(k, 0)
     with torch.no_grad():
-        grouped, single = model.new_cache(src, 6, group=k), model.new_cache(src, 6)
+        grouped, single = model.new_cache(src.repeat_interleave(k, 0), 6), model.new_cache(src, 6)
         first = model.step(tgt[::k, :1], single)
         assert torch.allclose(masked(first.repeat_interleave(k, 0)), masked(model.step(tgt[:, :1], grouped)), atol=1e-5)
         single.expand(k)

@@ -1,9 +1,9 @@
 """Dropout that is cheap on CPU: 16 random bits per element instead of torch's Bernoulli sampling.
 
-On CPU, `F.dropout` draws its mask with `bernoulli_`, about 10 ns an element: 4.7% of a training
-step of the reference model at dropout 0.1 (torch.profiler; docs/tuning.md). Drawing 64-bit random
-integers and reading them as four int16 lanes costs a tenth of that. The drop probability is p rounded
-to a multiple of 1/65,536 (0.1 becomes 0.100006). Other devices keep `F.dropout` (fused kernels there).
+On CPU, `F.dropout` draws its mask with `bernoulli_`, about 10 ns an element (4.7% of a training
+step of the reference model at dropout 0.1, docs/performance.md). Drawing 64-bit random integers
+and reading them as four int16 lanes costs a tenth of that. The drop probability is p rounded to a
+multiple of 1/65,536 (0.1 becomes 0.100006). Other devices keep `F.dropout` (fused kernels there).
 Randomness comes from torch's default generator, so `torch.manual_seed` and saved RNG states cover it.
 """
 from __future__ import annotations
@@ -39,17 +39,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return _CpuDropout.apply(x, p)
 
 
-class Dropout(nn.Module):
-    """Drop-in for nn.Dropout using `dropout` above."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0 <= p <= 1:
-            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-        self.p = p
+class CheapDropout(nn.Dropout):
+    """nn.Dropout (same p, same place in the model) drawing its mask with `dropout` above."""
 
     def forward(self, x):
         return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"

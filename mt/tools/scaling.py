@@ -62,7 +62,7 @@ def run_config(sweep: dict, entry: dict, out_dir: Path | None = None):
 
 
 def non_embedding_parameters(cfg, vocab_size: int) -> int:
-    from mt.model import build_model
+    from mt.models import build_model
     return build_model(cfg.model, vocab_size).num_parameters(non_embedding=True)
 
 

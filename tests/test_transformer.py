@@ -1,5 +1,4 @@
-"""Transformer: cached incremental decoding, causal and padding masks, cache reordering, tied embeddings."""
-import pytest
+"""mt.models.transformer: cached incremental decoding, causal and padding masks, tied embeddings."""
 import torch
 import torch.nn.functional as F
 
@@ -70,69 +69,10 @@ def test_source_padding_does_not_leak(tiny_model):
         torch.testing.assert_close(batched[b:b + 1], alone, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("rows", [[2, 0, 2], [0, 2], [0, 1], [2]])  # all rows copied; one moved; none; one
-@torch.no_grad()
-def test_kv_cache_reorder_selects_rows(tiny_model, rows):
-    """cache.reorder(index, index) keeps rows `index`: the cache and later steps equal a run on src[index]
-    (reorder copies only the rows that move when few do)."""
-    index = torch.tensor(rows)
-    cache = tiny_model.new_cache(SRC, TGT_IN.shape[1])
-    tiny_model.step(TGT_IN[:, :2], cache)
-    before = [k[:, :, :2].clone() for k in cache.self_k]
-    cache.reorder(index, index)
-    assert cache.length == 2 and cache.memory_mask.shape[0] == len(rows)
-    for old, new in zip(before, cache.self_k):
-        torch.testing.assert_close(new[:, :, :2], old[index])
-    torch.testing.assert_close(cache.memory_mask, (SRC[index] != PAD)[:, None, None, :])
-    fresh = tiny_model.new_cache(SRC[index], TGT_IN.shape[1])
-    tiny_model.step(TGT_IN[index, :2], fresh)
-    for t in range(2, TGT_IN.shape[1]):
-        torch.testing.assert_close(tiny_model.step(TGT_IN[index, t:t + 1], cache),
-                                   tiny_model.step(TGT_IN[index, t:t + 1], fresh), atol=1e-6, rtol=0)
-
-
-@torch.no_grad()
-def test_grouped_cache_matches_repeated_source(tiny_model):
-    """new_cache(src, group=g) (beam rows sharing one source) equals a cache on src repeated g times,
-    also after reordering rows and dropping a sentence with memory_index."""
-    g = 2
-    rows = SRC.repeat_interleave(g, dim=0)
-    tgt = TGT_IN.repeat_interleave(g, dim=0)
-    grouped, plain = tiny_model.new_cache(SRC, TGT_IN.shape[1], group=g), tiny_model.new_cache(rows, TGT_IN.shape[1])
-    for t in range(3):
-        torch.testing.assert_close(tiny_model.step(tgt[:, t:t + 1], grouped),
-                                   tiny_model.step(tgt[:, t:t + 1], plain), atol=1e-5, rtol=0)
-    keep = torch.tensor([1, 0, 5, 5])  # sentence 0 (rows swapped) and sentence 2 (row 5 twice); sentence 1 dropped
-    grouped.reorder(keep, torch.tensor([0, 2]))
-    plain.reorder(keep, keep)
-    for t in range(3, TGT_IN.shape[1]):
-        torch.testing.assert_close(tiny_model.step(tgt[keep, t:t + 1], grouped),
-                                   tiny_model.step(tgt[keep, t:t + 1], plain), atol=1e-5, rtol=0)
-
-
-@torch.no_grad()
-def test_expanded_cache_equals_grouped_cache(tiny_model):
-    """Beam search's first step runs one row per sentence and then cache.expand(k): the same cache as
-    k rows per sentence from the start, also after reordering and dropping a sentence."""
-    k = 3
-    tgt = TGT_IN.repeat_interleave(k, dim=0)
-    grouped, single = tiny_model.new_cache(SRC, TGT_IN.shape[1], group=k), tiny_model.new_cache(SRC, TGT_IN.shape[1])
-    first = tiny_model.step(TGT_IN[:, :1], single)
-    torch.testing.assert_close(first.repeat_interleave(k, 0), tiny_model.step(tgt[:, :1], grouped), atol=1e-5, rtol=0)
-    single.expand(k)
-    assert single.group == k and single.length == 1 and single.self_k[0].shape[0] == len(tgt)
-    keep = torch.tensor([2, 2, 0, 7, 6, 8])  # sentence 1 dropped
-    for cache in (single, grouped):
-        cache.reorder(keep, torch.tensor([0, 2]))
-    for t in range(1, TGT_IN.shape[1]):
-        torch.testing.assert_close(tiny_model.step(tgt[keep, t:t + 1], single),
-                                   tiny_model.step(tgt[keep, t:t + 1], grouped), atol=1e-5, rtol=0)
-
-
 def test_tied_embeddings_share_one_tensor(tmp_path):
     """With tie_embeddings, source/target embeddings and the output projection are one tensor (also after a save/load)."""
     tied, untied = make_model(tie_embeddings=True), make_model(tie_embeddings=False)
-    assert tied.tgt_embed.weight is tied.embed.weight and tied.output is None
+    assert tied.tgt_embed.weight is tied.embed.weight and tied.output.weight is tied.embed.weight
     h = torch.randn(3, tied.cfg.d_model)
     torch.testing.assert_close(tied.logits(h), h @ tied.embed.weight.T)
     V, D = tied.vocab_size, tied.cfg.d_model
@@ -148,9 +88,9 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
 
 
 @torch.no_grad()
-def test_inference_projection_follows_weight_updates():
-    """Decoding projects onto a cached transpose of the output weight: it must equal F.linear and be
-    refreshed when the weight changes in place (an optimizer step, loading a checkpoint)."""
+def test_output_projection_follows_the_tied_embedding():
+    """The tied output projection reads the embedding's tensor itself: an in-place change (an
+    optimizer step, loading a checkpoint) shows in the logits."""
     model = make_model()
     hidden = torch.randn(3, 32)
     torch.testing.assert_close(model.logits(hidden), F.linear(hidden, model.embed.weight))
@@ -161,7 +101,7 @@ def test_inference_projection_follows_weight_updates():
 def test_attention_under_cpu_autocast_runs_in_float32():
     """Under CPU bfloat16 autocast, `attention` attends in float32 (torch's bfloat16 flash-attention
     backward is ~10x slower there) and hands back the caller's dtype; gradients reach q, k and v."""
-    from mt.model import attention
+    from mt.models.layers import attention
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 5, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -5,7 +5,7 @@ cross-attention KV, our sinusoid table as the position table, LayerNorm epsilon 
 embeddings. Tokens are the run's SentencePiece pieces (ids 0-3 named <pad> <unk> <s> </s>).
 An encoder-decoder serves with ctranslate2.Translator: encode the source with OUT/spm.model, append
 "</s>". A decoder-only LM serves with ctranslate2.Generator from the prompt "<s>" + pieces; a prefix LM
-from pieces(x) + "</s>" "<s>" (how mt.lm.DecoderLM reads x EOS BOS y).
+from pieces(x) + "</s>" "<s>" (how mt.models.DecoderLM reads x EOS BOS y).
 Needs the optional `ctranslate2` package (pip install "mt[ctranslate2]").
 """
 from __future__ import annotations
@@ -51,17 +51,22 @@ def build_spec(model, pieces: list[str]):
         from ctranslate2.specs import transformer_spec
     except ImportError:
         raise MTError('exporting to CTranslate2 needs the ctranslate2 package: pip install "mt[ctranslate2]"') from None
+    from mt.models import DecoderLM, Transformer
+
     cfg = model.cfg
+    if not isinstance(model, (DecoderLM, Transformer)):
+        raise MTError(f"model.arch {cfg.arch} ({type(model).__name__}) has no CTranslate2 counterpart; "
+                      "transformer, decoder_only and prefix_lm runs export")
     positions = _numpy(model.positions)
     vocab = list(SPECIALS) + pieces[len(SPECIALS):]
-    if cfg.arch != "transformer":  # mt.lm.DecoderLM
+    if isinstance(model, DecoderLM):
         spec = transformer_spec.TransformerDecoderModelSpec.from_config(cfg.dec_layers, cfg.heads, pre_norm=True)
         spec.config.layer_norm_epsilon = model.norm.eps
         spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = "<s>", "</s>", "<unk>"
         dec = spec.decoder
         dec.embeddings.weight = _numpy(model.embed.weight)
         dec.position_encodings.encodings = positions
-        dec.projection.weight = _numpy(model.output.weight if model.output is not None else model.embed.weight)
+        dec.projection.weight = _numpy(model.output.weight)
         _norm(dec.layer_norm, model.norm)
         for layer, ours in zip(dec.layer, model.layers):
             _self_attention_layer(layer, ours)
@@ -73,7 +78,7 @@ def build_spec(model, pieces: list[str]):
     spec.encoder.position_encodings.encodings = positions
     spec.decoder.embeddings.weight = _numpy(model.tgt_embed.weight)
     spec.decoder.position_encodings.encodings = positions
-    spec.decoder.projection.weight = _numpy(model.output.weight if model.output is not None else model.tgt_embed.weight)
+    spec.decoder.projection.weight = _numpy(model.output.weight)
     _norm(spec.encoder.layer_norm, model.enc_norm)
     _norm(spec.decoder.layer_norm, model.dec_norm)
     for layer, ours in zip(spec.encoder.layer, model.encoder):
@@ -99,14 +104,14 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, weights: str = "mode
                        quantization: str | None = None) -> Path:
     """Write RUN as a CTranslate2 model directory OUT (with spm.model and mt_export.json beside it)."""
     cfg, model, tok = load_run(run, weights=weights)
-    if cfg.model.arch == "linear":
-        raise MTError(f"{run}: the linear bag-of-words LM has no CTranslate2 counterpart; "
-                      "transformer, decoder_only and prefix_lm runs export")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise MTError(f"{out}: exists and is not empty")
     sp = tok.sp
-    spec = build_spec(model, [sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    try:
+        spec = build_spec(model, [sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    except MTError as e:
+        raise MTError(f"{run}: {e}") from None
     spec.validate()
     spec.optimize(quantization=quantization)
     tmp = out.with_name(out.name + ".tmp")  # a half-written model never sits at OUT

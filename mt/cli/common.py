@@ -33,10 +33,7 @@ def decode_options(*, model_required: bool = True):
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--quantize", type=click.Choice(["int8"]), default=None,
                      help="Dynamic int8 linear layers (CPU)."),
-        click.option("--compile", "compile_", is_flag=True,
-                     help="Greedy search and sampling one sentence at a time through a compiled decoder "
-                          "step: lowest latency (CPU; the first use of a model shape compiles for ~80 s, later runs "
-                          "load it from $MT_CACHE_DIR, default ~/.cache/mt, in ~3 s)."),
+        aot_option,
     ]
 
     def decorate(f):
@@ -46,10 +43,17 @@ def decode_options(*, model_required: bool = True):
     return decorate
 
 
-def load_translator(run, weights, device, batch_tokens, quantize=None, batch_sentences=None, compile_=False):
+aot_option = click.option(
+    "--aot", is_flag=True,
+    help="Greedy search and sampling one sentence at a time through the model's encoder and decoder step "
+         "compiled ahead of time: lowest latency (CPU; a model compiles once, a minute or two, and later runs "
+         "load it from $MT_CACHE_DIR, default ~/.cache/mt, in seconds).")
+
+
+def load_translator(run, weights, device, batch_tokens=None, quantize=None, batch_sentences=None, aot=False):
     from mt.translate import Translator
 
-    t = Translator.load(run, device=device, weights=weights, quantize=quantize, compile=compile_)
+    t = Translator.load(run, device=device, weights=weights, quantize=quantize, aot=aot)
     if batch_tokens:
         t.cfg.decode.batch_tokens = batch_tokens
     if batch_sentences:
@@ -57,7 +61,8 @@ def load_translator(run, weights, device, batch_tokens, quantize=None, batch_sen
     return t
 
 
-def search_kwargs(beam_size, greedy, length_penalty, max_len_a, max_len_b) -> dict:
+def search_options(beam_size, greedy, length_penalty, max_len_a, max_len_b) -> dict:
+    """The search keywords of Translator.translate_batch from the shared options."""
     return dict(beam_size=1 if greedy else beam_size, length_penalty=length_penalty,
                 max_len_a=max_len_a, max_len_b=max_len_b)
 
@@ -76,15 +81,14 @@ def stdin_lines():
 def sampling_options(f):
     opts = [
         click.option("--sample", is_flag=True, help="Ancestral sampling instead of search."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True),
-        click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample among the k best (0: all)."),
-        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, help="Nucleus mass (1: all)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (default 1)."),
+        click.option("--top-k", type=click.IntRange(min=0), default=None, help="Sample among the k best (0: all)."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=None, help="Nucleus mass (1: all)."),
+        click.option("--seed", type=int, default=None, help="Sampling seed (default 0)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
-
 
 
 def read_text(path: str) -> list[str]:
@@ -95,9 +99,6 @@ def read_text(path: str) -> list[str]:
     return list(read_lines(path))
 
 
-
 def format_ppl(v: dict) -> str:
     return (f"perplexity per token {v['ppl_per_token']:.3f} (NLL {v['nll_per_token']:.4f} over {v['tokens']} "
             f"tokens), per sentence {v['ppl_per_sentence']:.4g} ({v['sentences']} sentences)")
-
-

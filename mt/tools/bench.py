@@ -2,12 +2,11 @@
 
 Training: the real update (`mt.train.update`) on the recipe's model and batches; warm-up steps are
 excluded, the median over repeats is reported, achieved FLOP/s (6 x parameters x target tokens/s) is
-set against this machine's measured matmul FLOP/s. Decoding: `Translator.search` over a file, as
-`mt translate` runs it. Peak RSS (and peak GPU memory on a GPU) for each. A benchmark, not a test.
+set against this machine's measured matmul FLOP/s. Decoding: `Translator.translate_batch` over a file,
+as `mt translate` runs it. Peak RSS (and peak GPU memory on a GPU) for each. A benchmark, not a test.
 """
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import statistics
@@ -79,14 +78,10 @@ def synthetic_data(vocab_size: int, mean_len: int, n: int = 20_000, seed: int = 
 def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3, synthetic: int = 0) -> dict:
     """Time `steps` updates after `warmup`, `repeats` times; report the median window. synthetic > 0:
     random sentences of about that many tokens over data.vocab_size ids instead of the recipe's corpus."""
-    from accelerate import Accelerator
-
-    from mt.model import build_model
     from mt.schedule import lr_at
-    from mt.train import load_data, update
+    from mt.train import build_training, load_data, new_accelerator, update
 
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-    accelerator = Accelerator(mixed_precision=cfg.train.precision)
+    accelerator = new_accelerator(cfg)
     if synthetic:
         vocab, data = cfg.data.vocab_size, synthetic_data(cfg.data.vocab_size, synthetic)
     else:
@@ -99,11 +94,7 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3, s
     batches = data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), cfg.train.batch_tokens,
                                      seed=cfg.train.seed, epoch=0)
     batches = (batches * (need // len(batches) + 1))[:need]
-    raw_model = build_model(cfg.model, vocab)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  fused=accelerator.device.type in ("cpu", "cuda"))
-    model = torch.compile(raw_model, dynamic=True) if cfg.train.compile else raw_model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model, model, optimizer = build_training(cfg, vocab, accelerator)
     model.train()
     params = raw_model.num_parameters()
     it = iter(batches)
@@ -143,12 +134,12 @@ def bench_translate(translator, sources: list[str], *, beam_size: int, repeats: 
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
     """Decode `sources` `repeats` times after one warm-up batch; report the median run."""
     options = dict(sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    translator.search(sources[:32], beam_size=beam_size, **options)
+    translator.translate_batch(sources[:32], beam_size=beam_size, **options)
     runs = []
     for _ in range(repeats):
         sync(translator.device)
         t = time.perf_counter()
-        hyps = translator.search(sources, beam_size=beam_size, **options)
+        hyps = translator.translate_batch(sources, beam_size=beam_size, **options)
         sync(translator.device)
         runs.append((time.perf_counter() - t, sum(len(h[0].tokens) + 1 for h in hyps if h)))
     dt, gen = sorted(runs)[len(runs) // 2]
@@ -193,10 +184,7 @@ def decode_step_bytes(model) -> int:
     total = 0
     for m in getattr(model, "members", [model]):
         total += _weight_bytes(m.decoder if hasattr(m, "decoder") else m.layers, skip="cross_attn.kv")
-        if getattr(m, "output", None) is not None:
-            total += _weight_bytes(m.output)
-        else:
-            total += _weight_bytes(m.tgt_embed if hasattr(m, "tgt_embed") else m.embed)
+        total += _weight_bytes(m.output)  # the vocabulary projection (a tied one reads the embedding)
     return total
 
 
@@ -206,10 +194,10 @@ def bench_latency(translator, sources: list[str], *, beam_size: int = 1, n: int 
     step's weights at the rate a working set of their size streams (the stricter bound where the caches
     hold them); encoding is included in the time."""
     sources = [s for s in sources if s.strip()][:n]
-    translator.search(sources[:3], beam_size=beam_size)  # warm-up
+    translator.translate_batch(sources[:3], beam_size=beam_size)  # warm-up
     t, gen = time.perf_counter(), 0
     for s in sources:
-        hyps = translator.search([s], beam_size=beam_size)
+        hyps = translator.translate_batch([s], beam_size=beam_size)
         gen += len(hyps[0][0].tokens) + 1
     dt = time.perf_counter() - t
     step_bytes, bandwidth = decode_step_bytes(translator.model), memory_bandwidth()

@@ -18,7 +18,7 @@ def scaling():
 @click.option("--only", multiple=True, metavar="NAME", help="Train only these runs (e.g. one process per GPU).")
 def run(sweep_recipe, out_dir, only):
     """Train every run of SWEEP_RECIPE (finished runs skipped, unfinished resumed)."""
-    from mt import scaling as s
+    from mt.tools import scaling as s
     from mt.errors import MTError
 
     sweep = s.read_sweep(sweep_recipe)
@@ -48,7 +48,7 @@ def run(sweep_recipe, out_dir, only):
 @click.option("--json", "as_json", is_flag=True)
 def fit(folder, axis, holdout, holdout_count, samples, plot, as_json):
     """Fit the law to the finished runs under FOLDER."""
-    from mt import scaling as s
+    from mt.tools import scaling as s
     from mt.errors import MTError
 
     records = s.read_records(folder)

@@ -1,8 +1,8 @@
-"""mt.dropout: the CPU dropout's mask statistics, scaling, gradient, seeding and edge cases."""
+"""mt.fast.dropout: the CPU dropout's mask statistics, scaling, gradient, seeding and edge cases."""
 import pytest
 import torch
 
-from mt.dropout import Dropout, dropout
+from mt.fast.dropout import CheapDropout, dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
@@ -53,14 +53,14 @@ def test_identity_cases_and_module():
     assert dropout(x, 0.0) is x
     assert dropout(x, 0.5, training=False) is x
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
-    m = Dropout(0.3)
+    m = CheapDropout(0.3)
     m.eval()
     assert m(x) is x
     m.train()
     assert (m(torch.ones(1000)) == 0).any()
     assert "p=0.3" in repr(m)
     with pytest.raises(ValueError, match="dropout probability"):
-        Dropout(1.5)
+        CheapDropout(1.5)
 
 
 def test_non_contiguous_and_bfloat16_inputs():

@@ -14,7 +14,7 @@ PROBE = textwrap.dedent("""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     if sys.argv[1] == "tuned":
-        from mt.runtime import keep_freed_memory
+        from mt.fast.runtime import keep_freed_memory
         assert keep_freed_memory()
     x = torch.ones(32 * 2**20)          # 128 MB, over glibc's largest mmap threshold
     mapped = libc.mallinfo2().hblkhd    # bytes held in mmapped blocks
@@ -35,7 +35,7 @@ def test_big_tensors_come_from_the_heap_and_stay_there():
 
 
 def test_opt_out(monkeypatch):
-    from mt.runtime import keep_freed_memory
+    from mt.fast.runtime import keep_freed_memory
 
     monkeypatch.setenv("MT_MALLOC", "system")
     assert keep_freed_memory() is False

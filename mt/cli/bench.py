@@ -1,0 +1,62 @@
+"""`mt bench`: throughput and memory of training and decoding (mt.tools.bench)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from mt.cli.common import aot_option, load_translator, read_text, sampling_options
+
+
+@click.group()
+def bench():
+    """Throughput and memory of training and decoding (a benchmark, not a test)."""
+
+
+@bench.command("train")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed updates per repeat.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--synthetic", type=click.IntRange(min=0), default=0, metavar="LEN",
+              help="Random sentences of about LEN tokens instead of the recipe's corpus (no data needed).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
+    """Training throughput of RECIPE's model and batches."""
+    from mt import config
+    from mt.tools import bench as b
+
+    result = b.bench_train(config.load(recipe, overrides), steps=steps, repeats=repeats, synthetic=synthetic)
+    click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench train {recipe}", result)
+
+
+@bench.command("translate")
+@click.option("-m", "--model", "run", required=True, type=click.Path())
+@click.option("--src", required=True, type=click.Path(), help="Sentences to translate.")
+@click.option("--beam", "beam_size", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
+              help="Source tokens x beam per batch (default: the run's decode.batch_tokens).")
+@click.option("--batch-sentences", type=click.IntRange(min=1), default=None,
+              help="At most this many sentences per batch (default: decode.max_batch_sentences).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--device", default=None)
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 linear layers (CPU).")
+@aot_option
+@click.option("--latency", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Batch-1 latency instead: the first N sentences one at a time, ms per token vs the time "
+                   "to read a step's weights from main memory and at their own working-set read rate.")
+@sampling_options
+@click.option("--json", "as_json", is_flag=True)
+def bench_translate(run, src, beam_size, batch_tokens, batch_sentences, repeats, device, quantize, aot,
+                    latency, sample, temperature, top_k, top_p, seed, as_json):
+    """Decoding speed: sentences/s and generated tokens/s (search, or --sample)."""
+    from mt.tools import bench as b
+
+    t = load_translator(run, "model", device, batch_tokens, quantize, batch_sentences, aot)
+    if latency:
+        result = b.bench_latency(t, read_text(src), beam_size=beam_size, n=latency)
+        click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate --latency (beam {beam_size})", result)
+        return
+    result = b.bench_translate(t, read_text(src), beam_size=1 if sample else beam_size, repeats=repeats,
+                               sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate (beam {beam_size})", result)
