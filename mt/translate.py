@@ -96,7 +96,7 @@ class Translator:
         not depend on the batching; `line_numbers` (0-based) number the sources for that and for
         warnings (default: their positions).
         """
-        options = self._options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+        options = self.options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
                                 max_len_b=max_len_b, sample=sample, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed)
         if not options.sample:
@@ -155,7 +155,7 @@ class Translator:
                        sample: bool | None = None, num_hypotheses: int = 1) -> int:
         """Lines translate_iterable should read ahead: 1 for a terminal, or where the compiled step
         decodes one line at a time anyway (so each line is answered as it arrives), else 1000."""
-        options = self._options(beam_size=beam_size, sample=sample)
+        options = self.options(beam_size=beam_size, sample=sample)
         return 1 if interactive or self._one_at_a_time(options, num_hypotheses) else 1000
 
     # --- helpers ---------------------------------------------------------------------------
@@ -163,7 +163,8 @@ class Translator:
         """Whether the batch-1 compiled step decodes these options (greedy search, or sampling)."""
         return self.decoder is not None and (options.sample or options.beam_size == 1 and num_hypotheses == 1)
 
-    def _options(self, **given) -> DecodeConfig:
+    def options(self, **given) -> DecodeConfig:
+        """The run's decode options with the given ones (those not None) in their place."""
         return replace(self.cfg.decode, **{k: v for k, v in given.items() if v is not None})
 
     def _decode(self, sources: list[str], options: DecodeConfig, num_hypotheses: int,

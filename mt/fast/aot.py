@@ -109,9 +109,11 @@ class AotCache:
     def __init__(self, self_k, self_v, memory_k, memory_v):
         self.self_k, self.self_v, self.memory_k, self.memory_v = self_k, self_v, memory_k, memory_v
         self.length = 0
+        self.pos = torch.zeros(1, dtype=torch.long)  # `length` as the step's input, updated in place
 
     def advance(self, n: int) -> None:
         self.length += n
+        self.pos.fill_(self.length)
 
     def expand(self, k: int) -> None:
         raise MTError("--aot decodes one sentence with greedy search or sampling (no beam search)")
@@ -181,8 +183,7 @@ class AotDecoder:
     @torch.no_grad()
     def step(self, tokens, cache: AotCache):
         """tokens (1, 1) -> log-probs of the next token (1, V); writes the cache in place."""
-        pos = torch.tensor([cache.length])
-        lp = self._runner("step").boxed_run([tokens.view(1), pos, cache.self_k, cache.self_v,
+        lp = self._runner("step").boxed_run([tokens.view(1), cache.pos, cache.self_k, cache.self_v,
                                              cache.memory_k, cache.memory_v])[0]
         cache.advance(1)
         return lp
@@ -226,6 +227,10 @@ class AotDecoder:
                     warnings.simplefilter("ignore", FutureWarning)
                     warnings.simplefilter("ignore", DeprecationWarning)
                     program = torch.export.export(module.eval(), example, dynamic_shapes=lengths)
+                    if kind == "step":  # attention as plain products and a softmax, which inductor fuses
+                        # into the step's loops (its fused-attention kernel is a separate call per layer)
+                        sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+                        program = program.run_decompositions({sdpa: torch._decomp.decomposition_table[sdpa]})
                     # small intermediates on the stack, not the heap; a layer norm's output stored once,
                     # not recomputed for every row of the product reading it (docs/performance.md)
                     torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs={

@@ -130,8 +130,9 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3, s
             "utilisation": achieved / ceiling, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
 
-def bench_translate(translator, sources: list[str], *, beam_size: int, repeats: int = 3, sample: bool = False,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
+def bench_translate(translator, sources: list[str], *, beam_size: int, repeats: int = 3, sample: bool | None = None,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None) -> dict:
     """Decode `sources` `repeats` times after one warm-up batch; report the median run."""
     options = dict(sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     translator.translate_batch(sources[:32], beam_size=beam_size, **options)
@@ -143,8 +144,10 @@ def bench_translate(translator, sources: list[str], *, beam_size: int, repeats: 
         sync(translator.device)
         runs.append((time.perf_counter() - t, sum(len(h[0].tokens) + 1 for h in hyps if h)))
     dt, gen = sorted(runs)[len(runs) // 2]
+    used = translator.options(beam_size=beam_size, **options)
     return {"device": str(translator.device), "threads": torch.get_num_threads(), "sentences": len(sources),
-            "beam_size": beam_size, "sample": sample, "top_k": top_k, "top_p": top_p, "seconds": dt, "sentences_per_s": len(sources) / dt,
+            "beam_size": beam_size, "sample": used.sample, "top_k": used.top_k, "top_p": used.top_p, "seconds": dt,
+            "sentences_per_s": len(sources) / dt,
             "generated_tokens_per_s": gen / dt, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
 
