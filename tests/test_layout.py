@@ -7,6 +7,7 @@ Run as a script, it prints the longest chain of module-level imports and the num
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,10 @@ for name in {sorted(m for m in modules() if not m.endswith("__main__"))!r}:
 after = settings()
 print("same" if after == before else [(a, b) for a, b in zip(before, after) if a != b])
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # a bare environment: this process imported mt already, and what an import set here would be
+    # inherited by the child, making "set at import" look like "already there"
+    bare = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=bare)
     assert out.stdout.strip().splitlines()[-1:] == ["same"], out.stdout[-2000:] + out.stderr[-2000:]
 
 
