@@ -78,9 +78,8 @@ class Translator:
 
             decoder = AotDecoder(models[0] if len(models) == 1 else Ensemble(models))
         if fast:
-            fast_paths.tune_process()
             for m in models:
-                fast_paths.enable(m)
+                fast_paths.enable(m)  # and the process settings (tune_process)
         model = models[0] if len(models) == 1 else Ensemble(models)
         return cls(model, tok, cfg, device=device, decoder=decoder)
 
@@ -101,7 +100,7 @@ class Translator:
                                 top_p=top_p, seed=seed)
         if not options.sample:
             options = replace(options, beam_size=max(options.beam_size, num_hypotheses))
-        hyps = self._decode(sources, options, num_hypotheses, line_numbers)
+        _, hyps = self._decode(sources, options, num_hypotheses, line_numbers)
         texts = self.tokenizer.decode([h.tokens for hs in hyps for h in hs])
         it = iter(texts)
         return [[Translation(next(it), h.tokens, h.logprob, h.score) for h in hs] for hs in hyps]
@@ -126,13 +125,12 @@ class Translator:
                        max_len_a: float | None = None, max_len_b: int | None = None) -> list[list[str]]:
         """`num_samples` ancestral samples per prompt (temperature, then top-k, then nucleus top-p):
         for a language model the prompt and its continuation, for a translation model translations."""
-        results = self.translate_batch(prompts, num_hypotheses=num_samples, sample=True, temperature=temperature,
-                                       top_k=top_k, top_p=top_p, seed=seed, max_len_a=max_len_a, max_len_b=max_len_b)
-        if not self.model.reads_prompts:
-            return [[t.text for t in ts] for ts in results]
+        options = self.options(sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               max_len_a=max_len_a, max_len_b=max_len_b)
+        src_ids, hyps = self._decode(prompts, options, num_samples, None)
         # a language model's sample is the prompt and its continuation, decoded together
-        prompt_ids = encode_sources(self.tokenizer, prompts, model=self.model)
-        return [self.tokenizer.decode([prompt_ids.get(i, []) + t.tokens for t in ts]) for i, ts in enumerate(results)]
+        prefix = (lambda i: src_ids.get(i, [])) if self.model.reads_prompts else (lambda i: [])
+        return [self.tokenizer.decode([prefix(i) + h.tokens for h in hs]) for i, hs in enumerate(hyps)]
 
     def score_batch(self, sources: list[str], targets: list[str]) -> list[PairScore]:
         """log P(target | source) and the number of target tokens scored (EOS included), per pair;
@@ -168,15 +166,16 @@ class Translator:
         return replace(self.cfg.decode, **{k: v for k, v in given.items() if v is not None})
 
     def _decode(self, sources: list[str], options: DecodeConfig, num_hypotheses: int,
-                line_numbers) -> list[list[Hypothesis]]:
+                line_numbers) -> tuple[dict[int, list[int]], list[list[Hypothesis]]]:
+        """The inputs' ids (mt.decoding.encode_sources) and each input's hypotheses."""
         src_ids = encode_sources(self.tokenizer, sources, model=self.model, line_numbers=line_numbers, warn=warn)
         one_at_a_time = self._one_at_a_time(options, num_hypotheses)
         if self.decoder is not None and not one_at_a_time and not self._told_beam_is_eager:
             warn("--aot speeds up greedy search (--greedy) and sampling only; beam search runs uncompiled")
             self._told_beam_is_eager = True
-        return decode_ids(self.decoder if one_at_a_time else self.model, src_ids, len(sources), options=options,
-                          device=self.device, num_hypotheses=num_hypotheses, ids=line_numbers,
-                          one_at_a_time=one_at_a_time)
+        return src_ids, decode_ids(self.decoder if one_at_a_time else self.model, src_ids, len(sources),
+                                   options=options, device=self.device, num_hypotheses=num_hypotheses,
+                                   ids=line_numbers, one_at_a_time=one_at_a_time)
 
 
 def warn(msg: str) -> None:
