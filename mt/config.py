@@ -132,6 +132,60 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of valid values for a numeric key."""
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        return ((value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        def num(x):
+            return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+        return f"{'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
+
+
+BIG = 10**12   # "no practical limit" for counts and budgets (still a number a run can hold)
+# Every numeric key's valid values. A value outside is one line naming the key and the range; a size
+# of 0, a negative count, nan, inf or an absurd number never reaches the model or the search.
+RANGES = {
+    "data.context": Range(1, 2**20),
+    "data.max_sentences": Range(0, BIG), "data.max_valid_sentences": Range(0, BIG),
+    "data.max_len": Range(1, 2**20), "data.max_len_ratio": Range(0, 1e6),
+    "data.vocab_size": Range(8, 2**20), "data.spm_character_coverage": Range(0, 1, low_open=True),
+    "data.spm_max_sentences": Range(1, BIG), "data.spm_alpha": Range(0, 1, high_open=True),
+    "model.enc_layers": Range(1, 256), "model.dec_layers": Range(1, 256),
+    "model.d_model": Range(1, 2**16), "model.heads": Range(1, 2**12), "model.ffn": Range(1, 2**20),
+    "model.dropout": Range(0, 1, high_open=True), "model.attn_dropout": Range(0, 1, high_open=True),
+    "model.activation_dropout": Range(0, 1, high_open=True),
+    "model.max_positions": Range(4, 2**20),
+    "train.seed": Range(0, 2**32 - 1), "train.batch_tokens": Range(1, 2**32), "train.accum_steps": Range(1, 2**16),
+    "train.lr": Range(0, 10), "train.warmup_steps": Range(0, BIG), "train.lr_end": Range(0, 10),
+    "train.betas": Range(0, 1, high_open=True), "train.weight_decay": Range(0, 1e3),
+    "train.label_smoothing": Range(0, 1, high_open=True),
+    "train.rdrop_alpha": Range(0, 1e3), "train.clip_norm": Range(0, 1e6),
+    "train.max_steps": Range(0, BIG), "train.max_epochs": Range(0, BIG), "train.max_tokens": Range(0, BIG * 1000),
+    "train.max_minutes": Range(0, 1e7), "train.valid_every": Range(1, BIG), "train.save_every": Range(1, BIG),
+    "train.log_every": Range(1, BIG), "train.max_bad_steps": Range(1, 10**6), "train.patience": Range(0, 10**6),
+    "train.average_last": Range(0, 10**4), "train.threads": Range(0, 4096),
+    "decode.beam_size": Range(1, 1024), "decode.length_penalty": Range(0, 100), "decode.max_len_a": Range(0, 1e4),
+    "decode.max_len_b": Range(0, 2**20), "decode.batch_tokens": Range(1, 2**32),
+    "decode.max_batch_sentences": Range(1, 2**20), "decode.temperature": Range(0, 1e4),
+    "decode.top_k": Range(0, 2**20), "decode.top_p": Range(0, 1, low_open=True), "decode.seed": Range(0, 2**63 - 1),
+}
+
+
+def check_range(name: str, value, valid: Range, what: str = "") -> None:
+    """Raise MTError naming `name` (a key or an option) unless `value` is a finite number in `valid`."""
+    if not (math.isfinite(value) and value in valid):
+        raise MTError(f"{what + ': ' if what else ''}{name} must be in {valid}, got {value!r}")
+
+
 def _check_type(name: str, value, typ):
     """Return `value` converted to `typ`, or raise MTError naming the key."""
     if typ is bool:
@@ -140,13 +194,15 @@ def _check_type(name: str, value, typ):
     elif typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MTError(f"config key {name}: must be an integer in {RANGES.get(name, '')}, got {value!r}")
     elif typ is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -155,6 +211,18 @@ def _check_type(name: str, value, typ):
         if isinstance(value, (list, tuple)):
             return list(value)
     raise MTError(f"config key {name}: expected {typ.__name__}, got {value!r}")
+
+
+def check_numbers(section_obj, section: str, source: str = "config") -> None:
+    """Every numeric key of one section (a list: each of its numbers) within RANGES."""
+    for key, value in vars(section_obj).items():
+        name = f"{section}.{key}"
+        if name not in RANGES:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise MTError(f"{source}: {name} must be numbers, got {value!r}")
+            check_range(name, v, RANGES[name], source)
 
 
 def _apply(section_obj, section: str, values: dict, source: str):
@@ -225,6 +293,10 @@ def load(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -
 def validate(cfg: Config, source: str = "config") -> None:
     """Check values that have a valid range or set of choices."""
     m, t, d = cfg.model, cfg.train, cfg.data
+    for section in ("data", "model", "train", "decode"):
+        check_numbers(getattr(cfg, section), section, source)
+    if not t.out_dir.strip():
+        raise MTError(f"{source}: train.out_dir is empty (name the run directory, e.g. runs/model)")
     if m.arch not in ARCHS:
         raise MTError(f"{source}: model.arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
     if d.pack and m.arch not in LM_ARCHS:
@@ -242,18 +314,5 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.schedule != "inverse_sqrt" and not (t.max_steps or t.max_minutes or t.max_epochs or t.max_tokens):
         raise MTError(f"{source}: train.schedule={t.schedule} decays over the budget: "
                       "set train.max_steps, train.max_tokens, train.max_minutes or train.max_epochs")
-    if cfg.train.rdrop_alpha < 0:
-        raise MTError(f"{source}: train.rdrop_alpha must be >= 0, got {cfg.train.rdrop_alpha}")
-    if not 0 <= d.spm_alpha < 1:
-        raise MTError(f"{source}: data.spm_alpha must be in [0, 1), got {d.spm_alpha}")
-    if t.patience < 0 or t.average_last < 0:
-        raise MTError(f"{source}: train.patience and train.average_last must be >= 0")
     if len(t.betas) != 2:
         raise MTError(f"{source}: train.betas must be a list of two floats")
-    for name in ("batch_tokens", "accum_steps", "valid_every", "save_every", "log_every"):
-        if getattr(t, name) < 1:
-            raise MTError(f"{source}: train.{name} must be >= 1")
-    if d.vocab_size < 8:
-        raise MTError(f"{source}: data.vocab_size must be at least 8")
-    if cfg.decode.beam_size < 1:
-        raise MTError(f"{source}: decode.beam_size must be >= 1")

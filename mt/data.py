@@ -10,9 +10,10 @@ resumed run sees the same order.
 from __future__ import annotations
 
 import gzip
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,16 +31,45 @@ def corpus_file(prefix: str, lang: str) -> Path:
     raise MTError(f"corpus file not found: {prefix}.{lang} (nor {prefix}.{lang}.gz)")
 
 
-def read_lines(path: str | Path) -> Iterator[str]:
-    """Lines of a UTF-8 text file (plain or gzip) without line ends; bad bytes become U+FFFD."""
+MAX_LINE_CHARS = 20_000  # characters read per input line: far past any model's positions, and it
+                         # bounds memory (a 20 MB line would otherwise be read, encoded and held whole)
+
+
+def capped_lines(stream, *, limit: int = MAX_LINE_CHARS, name: str = "input",
+                 on_cut: Callable[[int, int], None] | None = None) -> Iterator[str]:
+    """Lines of a text stream without line ends, each cut to its first `limit` characters; the rest of
+    a longer line is read in bounded pieces and dropped, so it is still exactly one line.
+    on_cut(line number (1-based), length in characters) hears of each cut line (default: a warning)."""
+    if on_cut is None:
+        def on_cut(number, length):
+            warn(f"{name} line {number} has {length:,} characters; only its first {limit:,} are read")
+    number = 0
+    while line := stream.readline(limit + 1):
+        number += 1
+        text = line.rstrip("\r\n")
+        if len(text) > limit:
+            length, tail = len(text), line
+            while not tail.endswith("\n") and (tail := stream.readline(1 << 20)):
+                length += len(tail.rstrip("\r\n"))
+            on_cut(number, length)
+            text = text[:limit]
+        yield text
+
+
+def read_lines(path: str | Path, *, limit: int = MAX_LINE_CHARS, on_cut=None) -> Iterator[str]:
+    """Lines of a UTF-8 text file (plain or gzip) without line ends, at most `limit` characters each
+    (capped_lines); bad bytes become U+FFFD."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as f:
-            for line in f:
-                yield line.rstrip("\r\n")
-    except OSError as e:
-        raise MTError(f"cannot read {path}: {e.strerror or e}") from None
+            yield from capped_lines(f, limit=limit, name=str(path), on_cut=on_cut)
+    except (OSError, EOFError) as e:  # EOFError: a truncated gzip file
+        raise MTError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def warn(msg: str) -> None:
+    print(f"mt: warning: {msg}", file=sys.stderr)
 
 
 def read_parallel(prefix: str, src_lang: str, tgt_lang: str, limit: int = 0) -> tuple[list[str], list[str]]:

@@ -46,6 +46,9 @@ class Ensemble(nn.Module):
     def max_output_tokens(self, source_lengths):
         return self.members[0].max_output_tokens(source_lengths)
 
+    def max_target_tokens(self, source_length: int) -> int:
+        return min(m.max_target_tokens(source_length) for m in self.members)
+
     def _mean(self, logprobs: list[torch.Tensor]) -> torch.Tensor:
         """log of the mean of the members' probabilities."""
         return torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(logprobs))

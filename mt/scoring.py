@@ -20,12 +20,19 @@ from mt.tokenizer import PAD
 
 @dataclass
 class PairScore:
-    logprob: float   # log P(y | x), natural log, summed over target tokens including EOS
-    tokens: int      # target tokens scored (EOS included)
+    logprob: float   # log P(y | x), natural log, summed over target tokens including EOS; nan: not scored
+    tokens: int      # target tokens scored (EOS included); 0: not scored (too long for the model)
+
+    @property
+    def scored(self) -> bool:
+        return self.tokens > 0
 
     @property
     def nll_per_token(self) -> float:
-        return -self.logprob / self.tokens
+        return -self.logprob / self.tokens if self.scored else float("nan")
+
+
+NOT_SCORED = PairScore(float("nan"), 0)
 
 
 @torch.inference_mode()
@@ -60,11 +67,16 @@ def score_ids(model, src_ids: list[list[int]], tgt_ids: list[list[int]], *, batc
 
 def perplexities(scores: list[PairScore]) -> dict:
     """Per-token exp(total NLL / tokens), and per-sentence: the geometric mean over M sentences of
-    Q(x^m)^(-1/M) = exp(-(1/M) sum_m log Q(x^m))."""
-    total_lp = sum(s.logprob for s in scores)
-    total_tok = sum(s.tokens for s in scores)
-    M = max(len(scores), 1)
-    return {"sentences": len(scores), "tokens": total_tok, "logprob": total_lp,
+    Q(x^m)^(-1/M) = exp(-(1/M) sum_m log Q(x^m)); over the scored pairs (`not_scored` counts the rest)."""
+    scored = [s for s in scores if s.scored]
+    total_lp = sum(s.logprob for s in scored)
+    total_tok = sum(s.tokens for s in scored)
+    M = max(len(scored), 1)
+    if not total_tok:
+        nan = float("nan")
+        return {"sentences": 0, "not_scored": len(scores), "tokens": 0, "logprob": 0.0, "nll_per_token": nan,
+                "ppl_per_token": nan, "ppl_per_sentence": nan}
+    return {"sentences": len(scored), "not_scored": len(scores) - len(scored), "tokens": total_tok, "logprob": total_lp,
             "nll_per_token": -total_lp / max(total_tok, 1),
             "ppl_per_token": math.exp(-total_lp / max(total_tok, 1)),
             "ppl_per_sentence": _safe_exp(-total_lp / M)}
@@ -74,4 +86,4 @@ def _safe_exp(x: float) -> float:
     return math.exp(x) if x < 709 else float("inf")
 
 
-__all__ = ["PairScore", "token_logprobs", "score_data", "score_ids", "perplexities"]
+__all__ = ["PairScore", "NOT_SCORED", "token_logprobs", "score_data", "score_ids", "perplexities"]

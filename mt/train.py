@@ -72,21 +72,38 @@ def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr:
     return loss_sum, nll_sum, local, True, int(total)
 
 
-def prepare_run(cfg: Config, accelerator: Accelerator, resume: bool) -> Path:
+def prepare_run(cfg: Config, accelerator: Accelerator, resume: bool, overwrite: bool = False,
+                tokenizer: Path | None = None) -> tuple[Path, int | None]:
+    """The run directory, locked by the main process for the whole training (returns the lock's
+    descriptor): checked for --resume, or emptied for a new run (mt.checkpoint.claim_for_new_run).
+    tokenizer: a SentencePiece model for a new run to use instead of training one."""
     run = Path(cfg.train.out_dir)
-    if resume:
-        if not (run / "state").is_dir() and not (run / "state.old").is_dir():
-            raise MTError(f"--resume: no saved state in {run}")
-        saved = checkpoint.config_mod.load(run / "config.yaml")
-        for section in ("data", "model"):
-            if getattr(saved, section) != getattr(cfg, section):
-                raise MTError(f"--resume: {section} config differs from the one saved in {run}/config.yaml")
-    elif (run / "state").is_dir():
-        raise MTError(f"{run} already holds a training run: pass --resume, or set train.out_dir")
+    if resume and not (run / "state").is_dir() and not (run / "state.old").is_dir():
+        raise MTError(f"--resume: no saved state in {run}")
+    if resume and overwrite:
+        raise MTError("--resume continues a run and --overwrite replaces it: give one of them")
+    held = None
     if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise MTError(f"train.out_dir {run} exists and is not a directory") from None
+        held = checkpoint.lock(run)
+        try:
+            if resume:
+                saved = checkpoint.config_mod.load(run / "config.yaml")
+                for section in ("data", "model"):
+                    if getattr(saved, section) != getattr(cfg, section):
+                        raise MTError(f"--resume: {section} config differs from the one saved in {run}/config.yaml")
+            else:
+                checkpoint.claim_for_new_run(run, overwrite=overwrite)
+                if tokenizer is not None:
+                    shutil.copy(tokenizer, run / "spm.model")
+        except BaseException:
+            os.close(held)
+            raise
     accelerator.wait_for_everyone()
-    return run
+    return run, held
 
 
 def load_data(cfg: Config, run: Path, accelerator: Accelerator):
@@ -105,6 +122,17 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
         src, tgt = data_mod.read_split(cfg.data, "train")
     if not tgt:
         raise MTError("the training corpus is empty")
+    valid_text = None
+    if cfg.data.valid or cfg.data.hf_dataset:  # read now: a problem shows before the tokenizer trains
+        if lm:
+            v_tgt = data_mod.read_text_split(cfg.data, "valid")
+            v_src = [""] * len(v_tgt)
+        else:
+            v_src, v_tgt = data_mod.read_split(cfg.data, "valid")
+        if not v_tgt:
+            where = cfg.data.valid or f"{cfg.data.hf_dataset} split {cfg.data.hf_valid_split}"
+            raise MTError(f"the validation set {where} is empty (fill it, or leave data.valid unset)")
+        valid_text = (v_src, v_tgt)
     spm_path = run / "spm.model"
     if accelerator.is_main_process and not spm_path.is_file():
         accelerator.print(f"mt: training a {cfg.data.vocab_size}-piece SentencePiece model", file=sys.stderr)
@@ -131,14 +159,7 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
     train = encode(src, tgt, **limits) if resample is None else resample(0)
     if len(train.tgt) == 0:
         raise MTError("no training examples left after length filtering (data.max_len, data.max_len_ratio)")
-    valid = None
-    if cfg.data.valid or cfg.data.hf_dataset:
-        if lm:
-            v_tgt = data_mod.read_text_split(cfg.data, "valid")
-            v_src = [""] * len(v_tgt)
-        else:
-            v_src, v_tgt = data_mod.read_split(cfg.data, "valid")
-        valid = (v_src, v_tgt, encode(v_src, v_tgt))
+    valid = None if valid_text is None else (*valid_text, encode(*valid_text))
     return tok, train, valid, resample
 
 
@@ -183,18 +204,33 @@ def build_training(cfg: Config, vocab_size: int, accelerator: Accelerator, *, sp
     return raw_model, model, optimizer
 
 
-def train(cfg: Config, *, resume: bool = False, speed_paths: bool = True) -> Path:
-    """Train the model described by `cfg`; returns the run directory. speed_paths: mt.fast's CPU
-    layers and process settings (same results, faster)."""
-    tc = cfg.train
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, tokenizer: Path | None = None,
+          speed_paths: bool = True) -> Path:
+    """Train the model described by `cfg`; returns the run directory. resume: continue the run in
+    train.out_dir; overwrite: replace a trained run there (else refused); tokenizer: a SentencePiece
+    model to use instead of training one; speed_paths: mt.fast's CPU layers and process settings
+    (same results, faster)."""
     accelerator = new_accelerator(cfg, speed_paths=speed_paths)
-    run = prepare_run(cfg, accelerator, resume)
+    run, held = prepare_run(cfg, accelerator, resume, overwrite, tokenizer)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _train_in(run, cfg, accelerator, resume=resume, speed_paths=speed_paths)
+    finally:
+        for s, h in handlers.items():  # the caller's (a library user's) handlers again
+            signal.signal(s, h)
+        if held is not None:
+            os.close(held)  # releases the run directory's lock
+
+
+def _train_in(run: Path, cfg: Config, accelerator: Accelerator, *, resume: bool, speed_paths: bool) -> Path:
+    tc = cfg.train
     set_seed(tc.seed)
     tok, train_data, valid, resample = load_data(cfg, run, accelerator)
     raw_model, model, optimizer = build_training(cfg, len(tok), accelerator, speed_paths=speed_paths)
     progress = Progress()
     if accelerator.is_main_process:
-        checkpoint.save_config(cfg, run, vocab_size=len(tok))
+        with checkpoint.out_of_space_is_one_line(run / "config.yaml", "none yet"):
+            checkpoint.save_config(cfg, run, vocab_size=len(tok))
     if resume:
         state = run / "state" if (run / "state").is_dir() else run / "state.old"
         try:
@@ -216,12 +252,29 @@ def train(cfg: Config, *, resume: bool = False, speed_paths: bool = True) -> Pat
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, f: stop_signal.append(s))
 
+    saved = {"step": None}  # the last state written whole (resume's starting point)
+    if resume:
+        saved["step"] = progress.step
+
+    def last_good() -> str:
+        return f"{run / 'state'} (step {saved['step']})" if saved["step"] is not None else "none yet"
+
     def log(record: dict):
         if accelerator.is_main_process:
-            with open(metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            with checkpoint.out_of_space_is_one_line(metrics_file, last_good()):
+                with open(metrics_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
 
     def save_state():
+        try:
+            with checkpoint.out_of_space_is_one_line(run / "state.tmp", last_good()):
+                write_state()
+        except BaseException:
+            shutil.rmtree(run / "state.tmp", ignore_errors=True)  # half-written: free its space
+            raise
+        saved["step"] = progress.step
+
+    def write_state():
         """Accelerate state + progress into state.tmp, then swap it in: never a half-written state."""
         if accelerator.is_main_process:
             shutil.rmtree(run / "state.tmp", ignore_errors=True)
@@ -249,8 +302,9 @@ def train(cfg: Config, *, resume: bool = False, speed_paths: bool = True) -> Pat
         metric = selection_metric(scores, cfg)
         if improves(metric, progress.best):
             progress.best, progress.stale = metric, 0
-            checkpoint.save_weights(raw_model, run / "model.safetensors")
-            checkpoint.save_config(cfg, run, vocab_size=len(tok), step=progress.step, **scores)
+            with checkpoint.out_of_space_is_one_line(run / "model.safetensors", last_good()):
+                checkpoint.save_weights(raw_model, run / "model.safetensors")
+                checkpoint.save_config(cfg, run, vocab_size=len(tok), step=progress.step, **scores)
         else:
             progress.stale += 1
         log({"step": progress.step, **scores})
@@ -326,7 +380,8 @@ def train(cfg: Config, *, resume: bool = False, speed_paths: bool = True) -> Pat
         run_validation()
     save_state()
     if tc.average_last > 1 and not stopped_by_faults and not stop_signal and accelerator.is_main_process:
-        use_average(raw_model, tok, valid, cfg, run, progress, device=accelerator.device, log=log)
+        with checkpoint.out_of_space_is_one_line(run / "averaged.safetensors", last_good()):
+            use_average(raw_model, tok, valid, cfg, run, progress, device=accelerator.device, log=log)
     accelerator.wait_for_everyone()
     if stopped_by_faults:
         raise MTError(f"training stopped: {tc.max_bad_steps} non-finite losses in a row at step {progress.step} "

@@ -20,11 +20,11 @@ from typing import Iterable, Iterator
 import torch
 
 from mt.checkpoint import load_run
-from mt.config import Config, DecodeConfig
+from mt.config import Config, DecodeConfig, check_numbers
 from mt.decoding import clean_line, decode_ids, encode_sources
 from mt.ensemble import Ensemble
 from mt.errors import MTError
-from mt.scoring import PairScore, score_ids
+from mt.scoring import NOT_SCORED, PairScore, score_ids
 from mt.search import Hypothesis
 from mt.tokenizer import Tokenizer
 
@@ -134,13 +134,28 @@ class Translator:
 
     def score_batch(self, sources: list[str], targets: list[str]) -> list[PairScore]:
         """log P(target | source) and the number of target tokens scored (EOS included), per pair;
-        a language model scores log P(target) (give empty sources)."""
+        a language model scores log P(target) (give empty sources). A pair longer than the model's
+        position table is not scored (NOT_SCORED: logprob nan, 0 tokens), with a warning naming it:
+        a truncated pair's number would be another pair's."""
         if len(sources) != len(targets):
             raise MTError(f"{len(sources)} sources but {len(targets)} targets")
-        limit = self.model.max_source_tokens()
-        src_ids = [s[:limit] for s in self.tokenizer.encode([clean_line(x) for x in sources])]
-        tgt_ids = [t[:limit] for t in self.tokenizer.encode([clean_line(y) for y in targets])]
-        return score_ids(self.model, src_ids, tgt_ids, batch_tokens=self.cfg.decode.batch_tokens, device=self.device)
+        src_ids = self.tokenizer.encode([clean_line(x) for x in sources])
+        tgt_ids = self.tokenizer.encode([clean_line(y) for y in targets])
+        max_src = self.model.max_source_tokens()
+        fits = []
+        for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+            max_tgt = self.model.max_target_tokens(len(s))
+            if len(s) <= max_src and len(t) <= max_tgt:
+                fits.append(i)
+            else:
+                warn(f"pair {i + 1} is not scored: {len(s)} source and {len(t)} target tokens, but the model "
+                     f"scores at most {max_src} and {max(max_tgt, 0)} (its position table)")
+        scored = score_ids(self.model, [src_ids[i] for i in fits], [tgt_ids[i] for i in fits],
+                           batch_tokens=self.cfg.decode.batch_tokens, device=self.device)
+        results = [NOT_SCORED] * len(sources)
+        for i, r in zip(fits, scored):
+            results[i] = r
+        return results
 
     def translate(self, sources: list[str], *, beam_size: int | None = None, length_penalty: float | None = None,
                   max_len_a: float | None = None, max_len_b: int | None = None) -> list[str]:
@@ -162,8 +177,11 @@ class Translator:
         return self.decoder is not None and (options.sample or options.beam_size == 1 and num_hypotheses == 1)
 
     def options(self, **given) -> DecodeConfig:
-        """The run's decode options with the given ones (those not None) in their place."""
-        return replace(self.cfg.decode, **{k: v for k, v in given.items() if v is not None})
+        """The run's decode options with the given ones (those not None) in their place, each checked
+        against its valid range (mt.config.RANGES)."""
+        options = replace(self.cfg.decode, **{k: v for k, v in given.items() if v is not None})
+        check_numbers(options, "decode", "decoding option")
+        return options
 
     def _decode(self, sources: list[str], options: DecodeConfig, num_hypotheses: int,
                 line_numbers) -> tuple[dict[int, list[int]], list[list[Hypothesis]]]:

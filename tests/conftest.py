@@ -77,3 +77,50 @@ def trained_run(multi30k_dir, tmp_path_factory) -> Path:
     for name in ("model.safetensors", "spm.model", "config.yaml", "meta.json"):
         assert (out / name).is_file(), name
     return out
+
+
+WORDS = ("house dog cat tree river red blue small big runs sees eats under over the a man woman child "
+         "water street green old young plays sings walks in on with").split()
+
+
+def write_corpus(folder: Path, prefix: str, n: int, seed: int = 0) -> Path:
+    """PREFIX.en / PREFIX.de of n random sentences (the 'German' side reversed): data for trainings
+    that must take seconds, not for translation quality. Returns folder / prefix."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+    (folder / f"{prefix}.en").write_text("\n".join(src) + "\n", encoding="utf-8")
+    (folder / f"{prefix}.de").write_text("\n".join(" ".join(reversed(s.split())) for s in src) + "\n", encoding="utf-8")
+    return folder / prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> dict:
+    """--set overrides that train recipes/tiny.yaml on a small random corpus in about a second."""
+    folder = tmp_path_factory.mktemp("corpus")
+    train, valid = write_corpus(folder, "train", 300), write_corpus(folder, "val", 20, seed=1)
+    return {"data.train": str(train), "data.valid": str(valid), "data.vocab_size": 60, "data.max_sentences": 0,
+            "train.threads": 1, "train.max_steps": 4, "train.valid_every": 2, "train.save_every": 2,
+            "train.log_every": 1}
+
+
+@pytest.fixture(scope="session")
+def random_run(tmp_path_factory, tiny_corpus) -> Path:
+    """A run directory with an untrained Transformer (64 positions) and a 60-piece tokenizer, written
+    without training: for the CLI's and loaders' behaviour, in milliseconds."""
+    from mt import config
+    from mt.checkpoint import save_config, save_weights
+    from mt.tokenizer import train_tokenizer
+
+    run = tmp_path_factory.mktemp("runs") / "random"
+    run.mkdir()
+    text = Path(tiny_corpus["data.train"] + ".en").read_text().splitlines()
+    tok = train_tokenizer(text + [" ".join(reversed(s.split())) for s in text], run / "spm.model", vocab_size=60)
+    cfg = config.from_dict({"model": dict(enc_layers=1, dec_layers=1, d_model=32, heads=2, ffn=64, max_positions=64),
+                            "train": {"out_dir": str(run)}, "decode": {"beam_size": 2}})
+    torch.manual_seed(0)
+    save_weights(Transformer(cfg.model, len(tok)), run / "model.safetensors")
+    save_config(cfg, run, vocab_size=len(tok))
+    return run

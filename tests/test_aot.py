@@ -201,3 +201,50 @@ def test_cli_aot_answers_each_line_as_it_arrives(trained_run):
         proc.kill()
     assert proc.returncode == 0, err
     assert len(out.splitlines()) == 1
+
+
+def test_a_cache_folder_others_can_write_is_refused(tmp_path, monkeypatch):
+    """Packages are native code this process runs: a folder another user could plant one in is refused."""
+    from mt.fast.aot import private_cache_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("MT_CACHE_DIR", str(shared))
+    with pytest.raises(MTError, match="writable by other users"):
+        private_cache_dir()
+    shared.chmod(0o755)
+    assert private_cache_dir() == shared
+    monkeypatch.setenv("MT_CACHE_DIR", str(tmp_path / "new"))
+    assert private_cache_dir().stat().st_mode & 0o777 == 0o700  # created private
+
+
+def test_a_planted_package_is_never_loaded(tmp_path, monkeypatch):
+    """A file at the computable name, without the content hash recorded when mt compiled it, is
+    deleted and compiled again, never loaded (here the loader and compiler are stand-ins)."""
+    monkeypatch.setenv("MT_CACHE_DIR", str(tmp_path / "cache"))
+    decoder = AotDecoder(make_model())
+    from mt.fast.aot import private_cache_dir
+
+    planted = private_cache_dir() / f"step-{decoder.key('step')}.pt2"
+    planted.write_bytes(b"attacker's native code")
+    loaded, compiled = [], []
+
+    class Package:
+        loader = "runner"
+
+    def load(path):
+        loaded.append(open(path, "rb").read())
+        return Package()
+
+    def compile_(program, package_path, **options):
+        compiled.append(package_path)
+        open(package_path, "wb").write(b"mt's own package")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", load)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_)
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: type("P", (), {"run_decompositions": lambda s, d: s})())
+    assert decoder._load_or_compile("step") == "runner"
+    assert loaded == [b"mt's own package"] and len(compiled) == 1
+    assert AotDecoder(make_model())._load_or_compile("step") == "runner"  # now trusted: loaded, not compiled
+    assert loaded[-1] == b"mt's own package" and len(compiled) == 1

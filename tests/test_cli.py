@@ -159,3 +159,33 @@ def test_batch_options_bound_the_batches_and_keep_the_output(trained_run, multi3
     bench = mt_cli("bench", "translate", "-m", trained_run, "--src", multi30k_dir / "val.en.gz",
                    "--beam", 1, "--batch-sentences", 7, "--repeats", 1, "--json")
     assert bench.exit_code == 0, bench.output
+
+
+def test_translate_cuts_an_overlong_line_and_still_answers_it(random_run):
+    result = mt_cli("translate", "-m", random_run, "--greedy", "--max-line-chars", "100",
+                    input="a dog\n" + "dog " * 100_000 + "\nthe river\n")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 3
+    assert "stdin line 2 has 400,000 characters; only its first 100 are read" in result.stderr
+
+
+def test_score_prints_nan_for_a_pair_too_long_and_names_it(random_run):
+    result = mt_cli("score", "-m", random_run, input="a dog\tdog\na dog\t" + "dog " * 64 + "\n")
+    assert result.exit_code == 0, result.output
+    first, second = result.stdout.splitlines()
+    assert second == "nan\t0\tnan" and re.fullmatch(r"-\d+\.\d{4}\t2\t\d+\.\d{4}", first)
+    assert "pair 2 is not scored" in result.stderr and "(1 not scored: too long for the model)" in result.stderr
+
+
+@pytest.mark.parametrize("redirect,message,code", [(">/dev/full", "cannot write the output to stdout (No space left", 1),
+                                                   (">&-", "stdout is closed", 1), ("<&-", "stdin is closed", 2)])
+def test_closed_or_full_standard_streams_are_one_line(random_run, redirect, message, code):
+    import shlex
+
+    feed = "" if redirect == "<&-" else "echo 'a dog' | "
+    proc = subprocess.run(f"{feed}{shlex.quote(sys.executable)} -m mt.cli translate -m {shlex.quote(str(random_run))} "
+                          f"--greedy {redirect}", shell=True, cwd=REPO, capture_output=redirect != ">&-",
+                          stderr=subprocess.PIPE if redirect == ">&-" else None, text=True)
+    assert proc.returncode == code
+    assert proc.stderr.strip().splitlines() == [f"mt: error: {proc.stderr.strip()[11:]}"] and message in proc.stderr
+    assert "Traceback" not in proc.stderr

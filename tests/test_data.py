@@ -132,3 +132,32 @@ def test_read_lines_crlf_and_bad_bytes(tmp_path):
     """read_lines strips CR/LF line ends and turns invalid UTF-8 into U+FFFD."""
     (tmp_path / "t.txt").write_bytes(b"one\r\ntw\xffo\n\nlast")
     assert list(read_lines(tmp_path / "t.txt")) == ["one", "tw\ufffdo", "", "last"]
+
+
+def test_capped_lines_cut_long_lines_and_keep_the_count():
+    import io
+
+    from mt.data import capped_lines
+
+    text = "short\n" + "x" * 10_000 + "\nä" * 3 + "\n" + "y" * 25 + "\r\nlast"
+    cut = []
+    lines = list(capped_lines(io.StringIO(text), limit=20, on_cut=lambda n, length: cut.append((n, length))))
+    assert lines == ["short", "x" * 20, "ä", "ä", "ä", "y" * 20, "last"]
+    assert cut == [(2, 10_000), (6, 25)]
+    assert list(capped_lines(io.StringIO("a" * 20 + "\n" + "b" * 21), limit=20, on_cut=lambda *a: None)) == ["a" * 20, "b" * 20]
+
+
+def test_reading_a_huge_line_takes_bounded_memory(tmp_path):
+    """A 20 MB line read with the default cap allocates a few times the cap, not the line."""
+    import tracemalloc
+
+    from mt.data import MAX_LINE_CHARS
+
+    path = tmp_path / "huge.txt"
+    path.write_text("dog " * 5_000_000 + "\nok\n")
+    tracemalloc.start()
+    lines = list(read_lines(path, on_cut=lambda *a: None))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [len(line) for line in lines] == [MAX_LINE_CHARS, 2]
+    assert peak < 4 * (1 << 20) + 8 * MAX_LINE_CHARS, peak  # the 1 MiB pieces the rest is skipped in, and the kept head

@@ -127,3 +127,21 @@ def test_export_refuses_a_non_empty_folder_and_the_linear_lm(trained_run, tmp_pa
     linear_lm = build_model(cfg.model, len(tok))
     monkeypatch.setattr("mt.tools.export.load_run", lambda run, weights: (cfg, linear_lm, tok))
     assert_one_line_error(mt_cli("export", trained_run, "--out", tmp_path / "lm"), "no CTranslate2 counterpart")
+
+
+def test_export_leaves_an_unrelated_tmp_folder_and_replaces_only_an_export(random_run, tmp_path):
+    """OUT.tmp/ beside OUT is someone's folder, not ours to delete; --overwrite replaces an earlier
+    export and refuses anything else."""
+    (tmp_path / "ct2.tmp").mkdir()
+    (tmp_path / "ct2.tmp" / "precious").write_text("mine")
+    assert mt_cli("export", random_run, "--out", tmp_path / "ct2").exit_code == 0
+    assert (tmp_path / "ct2.tmp" / "precious").read_text() == "mine"
+    first = (tmp_path / "ct2" / "model.bin").stat().st_mtime_ns
+    assert_one_line_error(mt_cli("export", random_run, "--out", tmp_path / "ct2"), "not empty", "--overwrite")
+    assert mt_cli("export", random_run, "--out", tmp_path / "ct2", "--overwrite").exit_code == 0
+    assert (tmp_path / "ct2" / "model.bin").stat().st_mtime_ns != first
+    assert ctranslate2.Translator(str(tmp_path / "ct2"))  # whole and loadable
+    assert_one_line_error(mt_cli("export", random_run, "--out", tmp_path / "ct2.tmp", "--overwrite"),
+                          "not an mt export")
+    assert (tmp_path / "ct2.tmp" / "precious").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2", "ct2.tmp"]  # no temporary folder left

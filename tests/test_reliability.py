@@ -277,12 +277,58 @@ def test_vocabulary_larger_than_corpus_supports(multi30k_dir, tmp_path):
 
 
 # --- 5. numerical faults --------------------------------------------------------------------------
-def test_non_finite_losses_stop_training_with_state_saved(multi30k_dir, tmp_path):
-    """lr=1e30 makes losses non-finite: skipped updates are logged, then exit 2 after 3 in a row, state saved."""
+def test_non_finite_losses_stop_training_with_state_saved(multi30k_dir, tmp_path, monkeypatch):
+    """Losses that turn non-finite after 2 updates: skipped updates are logged, then exit 2 after 3 in a
+    row, state saved."""
+    import mt.train
+    from mt.loss import smoothed_cross_entropy
+
+    calls = []
+
+    def diverging(*args):
+        calls.append(1)
+        loss, nll = smoothed_cross_entropy(*args)
+        return (loss * float("nan"), nll) if len(calls) > 2 else (loss, nll)
+
+    monkeypatch.setattr(mt.train, "smoothed_cross_entropy", diverging)
     out = tmp_path / "run"
-    proc = run(train_cmd(multi30k_dir, out, "train.lr=1e30", "train.max_bad_steps=3", "train.max_steps=50",
-                         "train.log_every=1", "train.valid_every=1000", "train.save_every=1000"))
-    assert_one_line_error(proc, "non-finite", log_lines_ok=True)
+    args = train_cmd(multi30k_dir, out, "train.max_bad_steps=3", "train.max_steps=50", "train.log_every=1",
+                     "train.valid_every=1000", "train.save_every=1000")[3:]
+    assert_one_line_error(mt_cli(*args), "non-finite", log_lines_ok=True)
     skipped = [r["skipped_nonfinite"] for r in records(out) if "skipped_nonfinite" in r]
     assert skipped == [1, 2, 3]
     assert (out / "state" / "progress.json").is_file() and (out / "last.safetensors").is_file()
+
+
+# --- 6. weights that load but are wrong -----------------------------------------------------------
+def damage_weights(run, how):
+    from safetensors.torch import save_file
+
+    path = run / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(k for k in tensors if tensors[k].dim() == 2)[0]
+    if how == "nan":
+        tensors[name][0, 0] = float("nan")
+    elif how == "inf":
+        tensors[name][-1, -1] = float("-inf")
+    else:
+        tensors[name] = tensors[name].to(getattr(torch, how))
+    save_file(tensors, path, metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("how", ["nan", "inf", "float16", "int32"])
+def test_weights_with_nan_inf_or_the_wrong_dtype_are_refused(random_run, tmp_path, how):
+    run = copy_run(random_run, tmp_path / "run")
+    name = damage_weights(run, how)
+    result = mt_cli("translate", "-m", run, input="a dog\n")
+    assert_one_line_error(result, name, "NaN or infinite" if how in ("nan", "inf") else "F32")
+    assert result.stdout == ""
+
+
+def test_export_refuses_nan_weights(random_run, tmp_path):
+    pytest.importorskip("ctranslate2")
+    run = copy_run(random_run, tmp_path / "run")
+    damage_weights(run, "nan")
+    assert_one_line_error(mt_cli("export", run, "--out", tmp_path / "ct2"), "NaN or infinite")
+    assert not (tmp_path / "ct2").exists()

@@ -109,3 +109,22 @@ def test_the_model_bounds_the_source_length(tokenizer, capsys):
     assert len(tokenizer.encode([long])[0]) > t.model.max_source_tokens()
     t.translate_batch(["a dog", long])
     assert "input 2 has" in capsys.readouterr().err
+
+
+def test_score_batch_scores_up_to_the_position_table_and_refuses_beyond(random_run, capsys):
+    """random_run has 64 positions: a target of 63 tokens (BOS + 63 fill the table) is scored exactly,
+    64 is not scored (nan, 0 tokens) and its pair is named, never silently truncated."""
+    from mt.scoring import score_ids
+
+    t = Translator.load(random_run)
+    assert t.tokenizer.encode(["dog dog"]) == [[33, 33]]  # "dog" is one piece
+    fits, too_long = " ".join(["dog"] * 63), " ".join(["dog"] * 64)
+    results = t.score_batch(["a dog", "a dog", "a dog"], [fits, too_long, "dog"])
+    exact = score_ids(t.model, t.tokenizer.encode(["a dog"]) * 2, [[33] * 63, [33]], batch_tokens=1000, device="cpu")
+    assert results[0] == exact[0] and results[2] == exact[1] and results[0].tokens == 64
+    assert math.isnan(results[1].logprob) and results[1].tokens == 0 and not results[1].scored
+    assert "pair 2 is not scored: 3 source and 64 target tokens" in capsys.readouterr().err
+    from mt.scoring import perplexities
+
+    summary = perplexities(results)
+    assert summary["not_scored"] == 1 and summary["tokens"] == 64 + 2

@@ -10,21 +10,83 @@ import sys
 import click
 
 from mt.cli import bench, evaluate, scaling, translate as translate_cmd
+from mt.cli.common import Bounded
+from mt.config import Range
 from mt.errors import MTError
 
 
 class Group(click.Group):
-    """Turns MTError into one line and exit code 2, and a closed stdout into a quiet exit."""
+    """Every failure the user can act on is one line on stderr: MTError and usage errors (bad options,
+    values out of range) exit 2; a closed or full stdout, or a closed stdin, exits 1."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            fail(f"{e.ctx.command_path if e.ctx else 'mt'}: {e.format_message()}", 2)
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            flush_stdout()
+            return result
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            fail(f"{e.ctx.command_path if e.ctx else 'mt'}: {e.format_message()}", 2)
         except MTError as e:
-            click.echo(f"mt: error: {e}", err=True)
-            sys.exit(2)
-        except BrokenPipeError:
-            sys.stderr.close()
+            fail(str(e), 2)
+        except BrokenPipeError:  # a reader that stopped early (| head): nothing to report
+            quiet_stdout()
             sys.exit(1)
+        except OSError as e:
+            if e.filename is not None or not std_stream_error(e):
+                raise
+            quiet_stdout()
+            fail(f"cannot write the output to stdout ({e.strerror})", 1)
+        except (MemoryError, RuntimeError) as e:  # sizes valid one by one, too big together
+            if not out_of_memory(e):
+                raise
+            fail(f"out of memory ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}): use a smaller "
+                 "model, batch (batch_tokens) or beam", 1)
+
+
+def fail(message: str, code: int):
+    """One line on stderr, then exit."""
+    if sys.stderr is not None:
+        print(f"mt: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def flush_stdout():
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
+def std_stream_error(e: OSError) -> bool:
+    """Whether an OSError without a file name came from writing stdout (e.g. > /dev/full)."""
+    import errno
+
+    return e.errno in (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT, errno.EFBIG)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+
+
+def quiet_stdout():
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail a second time."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 @click.group(cls=Group)
@@ -32,6 +94,9 @@ class Group(click.Group):
 def main():
     """mt: train, run and evaluate sequence models (translation and language models)."""
     from mt.fast.runtime import tune_process
+
+    if sys.stdout is None:  # started with stdout closed (>&-): results would have nowhere to go
+        fail("stdout is closed: redirect it to a file or a pipe", 1)
 
     tune_process()  # CPU: reuse freed memory across steps (MT_MALLOC=system to opt out), and the like
 
@@ -58,17 +123,19 @@ def data_multi30k(out, source_dir):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe key.")
 @click.option("--resume", is_flag=True, help="Continue the run in train.out_dir from its saved state.")
-def train(recipe, overrides, resume):
-    """Train the model a RECIPE (YAML) describes."""
+@click.option("--overwrite", is_flag=True, help="Replace the trained run in train.out_dir (else refused).")
+def train(recipe, overrides, resume, overwrite):
+    """Train the model a RECIPE (YAML) describes into train.out_dir (a new or empty directory, or a
+    run to --resume or to --overwrite)."""
     from mt import config
     from mt.train import train as run_training
 
-    run_training(config.load(recipe, overrides), resume=resume)
+    run_training(config.load(recipe, overrides), resume=resume, overwrite=overwrite)
 
 
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--last", type=click.IntRange(min=1), default=5, show_default=True, help="How many snapshots.")
+@click.option("--last", type=Bounded(int, Range(1, 10**4)), default=5, show_default=True, help="How many snapshots.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default: RUN/averaged.safetensors.")
 def average(run, last, out):
     """Average the last N weight snapshots of RUN (kept when train.average_last > 0).
@@ -93,12 +160,13 @@ def average(run, last, out):
               show_default=True, help="Which weights of RUN.")
 @click.option("--quantization", type=click.Choice(["int8", "int8_float32", "int16", "float16"]), default=None,
               help="Store the weights quantized (CTranslate2 can also quantize at load time).")
-def export(run, fmt, out, weights, quantization):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export at --out (else refused).")
+def export(run, fmt, out, weights, quantization, overwrite):
     """Export RUN for another runtime: CTranslate2 (pip install "mt[ctranslate2]"); an encoder-decoder
     serves with its Translator, a decoder-only or prefix LM with its Generator."""
     from mt.tools.export import export_ctranslate2
 
-    path = export_ctranslate2(run, out, weights=weights, quantization=quantization)
+    path = export_ctranslate2(run, out, weights=weights, quantization=quantization, overwrite=overwrite)
     click.echo(f"mt: wrote a CTranslate2 model to {path} (tokenizer: {path}/spm.model; input format: "
                f"`python -c 'import mt.tools.export; help(mt.tools.export)'`)", err=True)
 

@@ -5,7 +5,9 @@ import json
 
 import click
 
-from mt.cli.common import aot_option, load_translator, read_text, sampling_options
+from mt.config import Range
+
+from mt.cli.common import Bounded, aot_option, load_translator, read_text, sampling_options
 
 
 @click.group()
@@ -16,9 +18,9 @@ def bench():
 @bench.command("train")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed updates per repeat.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--synthetic", type=click.IntRange(min=0), default=0, metavar="LEN",
+@click.option("--steps", type=Bounded(int, Range(1, 10**6)), default=20, show_default=True, help="Timed updates per repeat.")
+@click.option("--repeats", type=Bounded(int, Range(1, 10**4)), default=3, show_default=True)
+@click.option("--synthetic", type=Bounded(int, Range(0, 2**20)), default=0, metavar="LEN",
               help="Random sentences of about LEN tokens instead of the recipe's corpus (no data needed).")
 @click.option("--json", "as_json", is_flag=True)
 def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
@@ -33,16 +35,16 @@ def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
 @bench.command("translate")
 @click.option("-m", "--model", "run", required=True, type=click.Path())
 @click.option("--src", required=True, type=click.Path(), help="Sentences to translate.")
-@click.option("--beam", "beam_size", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--beam", "beam_size", type=Bounded(int, "decode.beam_size"), default=5, show_default=True)
+@click.option("--batch-tokens", type=Bounded(int, "decode.batch_tokens"), default=None,
               help="Source tokens x beam per batch (default: the run's decode.batch_tokens).")
-@click.option("--batch-sentences", type=click.IntRange(min=1), default=None,
+@click.option("--batch-sentences", type=Bounded(int, "decode.max_batch_sentences"), default=None,
               help="At most this many sentences per batch (default: decode.max_batch_sentences).")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--repeats", type=Bounded(int, Range(1, 10**4)), default=3, show_default=True)
 @click.option("--device", default=None)
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 linear layers (CPU).")
 @aot_option
-@click.option("--latency", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--latency", type=Bounded(int, Range(1, 10**6)), default=None, metavar="N",
               help="Batch-1 latency instead: the first N sentences one at a time, ms per token vs the time "
                    "to read a step's weights from main memory and at their own working-set read rate.")
 @sampling_options

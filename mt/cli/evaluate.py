@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 
-from mt.cli.common import decode_options, format_ppl, load_translator, read_text, search_options, stdin_lines
+from mt.cli.common import (decode_options, format_ppl, load_translator, max_line_chars_option, read_text, search_options,
+                           stdin_lines)
 from mt.errors import MTError
 
 
@@ -19,36 +21,52 @@ from mt.errors import MTError
 @click.option("--checkpoint", "weights", type=click.Choice(["model", "last", "averaged"]), default="model")
 @click.option("--device", default=None)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout, JSON summary on stderr.")
-def score(run, src, tgt, text, weights, device, as_json):
-    """log P(y|x) (or log P(x) with --text) per line: 'log P<TAB>tokens<TAB>NLL per token'; summary on stderr."""
-    from mt.scoring import perplexities
+@max_line_chars_option
+def score(run, src, tgt, text, weights, device, as_json, max_line_chars):
+    """log P(y|x) (or log P(x) with --text) per line: 'log P<TAB>tokens<TAB>NLL per token'; summary on stderr.
 
-    t = load_translator(run, weights, device)
+    A pair the model cannot score exactly (longer than its position table, or a line cut at
+    --max-line-chars) prints 'nan<TAB>0<TAB>nan' (null in --json), with a warning naming it."""
+    from mt.scoring import NOT_SCORED, perplexities
+
+    cut: set[int] = set()  # 0-based lines cut at the character cap: their numbers would be wrong
+
+    def on_cut(name):
+        def told(number, length):
+            cut.add(number - 1)
+            click.echo(f"mt: warning: {name} line {number} has {length:,} characters, more than --max-line-chars "
+                       f"reads: not scored", err=True)
+        return told
+
+    read = dict(limit=max_line_chars) if max_line_chars else {}
     if text is not None:
-        targets = read_text(text)
+        targets = read_text(text, on_cut=on_cut(text), **read)
         sources = [""] * len(targets)
     elif (src is None) != (tgt is None):
         raise MTError("give both --src and --tgt, or neither (tab-separated pairs on stdin)")
     elif src is not None:
-        sources, targets = read_text(src), read_text(tgt)
+        sources, targets = read_text(src, on_cut=on_cut(src), **read), read_text(tgt, on_cut=on_cut(tgt), **read)
         if len(sources) != len(targets):
             raise MTError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
     else:
-        pairs = [line.rstrip("\r\n").split("\t", 1) for line in stdin_lines()]
+        pairs = [line.split("\t", 1) for line in stdin_lines(max_line_chars, on_cut=on_cut("stdin"))]
         sources = [p[0] for p in pairs]
         targets = [p[1] if len(p) > 1 else "" for p in pairs]
-    results = t.score_batch(sources, targets)
+    t = load_translator(run, weights, device)
+    results = [NOT_SCORED if i in cut else r for i, r in enumerate(t.score_batch(sources, targets))]
     for r in results:
         if as_json:
-            click.echo(json.dumps({"logprob": r.logprob, "tokens": r.tokens, "nll_per_token": r.nll_per_token}))
+            click.echo(json.dumps({"logprob": r.logprob, "tokens": r.tokens, "nll_per_token": r.nll_per_token}
+                                  if r.scored else {"logprob": None, "tokens": 0, "nll_per_token": None}))
         else:
             click.echo(f"{r.logprob:.4f}\t{r.tokens}\t{r.nll_per_token:.4f}")
     summary = perplexities(results)
     if as_json:
-        click.echo(json.dumps(summary), err=True)
+        click.echo(json.dumps({k: v if math.isfinite(v) else None for k, v in summary.items()}), err=True)
     else:
-        click.echo(f"mt: {summary['sentences']} pairs, {summary['tokens']} target tokens, log P {summary['logprob']:.2f}, "
-                   f"per-token perplexity {summary['ppl_per_token']:.3f}, "
+        skipped = f" ({summary['not_scored']} not scored: too long for the model)" if summary["not_scored"] else ""
+        click.echo(f"mt: {summary['sentences']} pairs{skipped}, {summary['tokens']} target tokens, "
+                   f"log P {summary['logprob']:.2f}, per-token perplexity {summary['ppl_per_token']:.3f}, "
                    f"per-sentence perplexity {summary['ppl_per_sentence']:.3f}", err=True)
 
 

@@ -6,6 +6,9 @@ import sys
 
 import click
 
+from mt.cli.common import Bounded
+from mt.config import Range
+
 
 @click.group()
 def scaling():
@@ -40,9 +43,9 @@ def run(sweep_recipe, out_dir, only):
               help="Fit L(C) against compute, or L(N) against non-embedding parameters.")
 @click.option("--holdout", type=click.Choice(["none", "largest"]), default="none", show_default=True,
               help="Fit without the largest run and predict its loss.")
-@click.option("--holdout-count", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--holdout-count", type=Bounded(int, Range(1, 10**6)), default=1, show_default=True,
               help="How many of the largest runs --holdout largest leaves out.")
-@click.option("--bootstrap", "samples", type=click.IntRange(min=0), default=200, show_default=True,
+@click.option("--bootstrap", "samples", type=Bounded(int, Range(0, 10**6)), default=200, show_default=True,
               help="Resamples for the uncertainty of a, b, c (0: none).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a log-log PNG here.")
 @click.option("--json", "as_json", is_flag=True)

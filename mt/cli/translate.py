@@ -5,27 +5,33 @@ import sys
 
 import click
 
-from mt.cli.common import decode_options, load_translator, one_line, sampling_options, search_options, stdin_lines
+from mt.config import Range
+
+from mt.cli.common import (Bounded, decode_options, interactive, load_translator, max_line_chars_option, one_line,
+                           sampling_options, search_options, stdin_lines)
 
 
 @click.command()
 @decode_options()
 @sampling_options
-@click.option("--nbest", type=click.IntRange(min=1), default=None,
+@click.option("--nbest", type=Bounded(int, Range(1, 1024)), default=None,
               help="N hypotheses (or samples) per input: 'index<TAB>hyp<TAB>log P<TAB>normalised score'.")
 @click.option("--scores", is_flag=True, help="Add log P(y|x) as a second, tab-separated column.")
-@click.option("--window", type=click.IntRange(min=1), default=None,
+@click.option("--window", type=Bounded(int, Range(1, 10**6)), default=None,
               help="Lines read ahead and sorted by length (default 1000; 1 when stdin is a terminal, or for "
                    "--aot's greedy search and sampling, which decode one line at a time anyway).")
+@max_line_chars_option
 def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batch_tokens, batch_sentences,
-              weights, device, quantize, aot, sample, temperature, top_k, top_p, seed, nbest, scores, window):
+              weights, device, quantize, aot, sample, temperature, top_k, top_p, seed, nbest, scores, window,
+              max_line_chars):
     """Translate stdin to stdout, one output line per input line (N with --nbest), in order."""
+    lines = stdin_lines(max_line_chars)
     t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences, aot)
     options = search_options(beam_size, greedy, length_penalty, max_len_a, max_len_b)
     n = nbest or 1
-    window = window or t.default_window(interactive=sys.stdin.isatty(), beam_size=options["beam_size"],
+    window = window or t.default_window(interactive=interactive(), beam_size=options["beam_size"],
                                         sample=sample, num_hypotheses=n)
-    stream = t.translate_iterable(stdin_lines(), window=window, num_hypotheses=n, sample=sample or None,
+    stream = t.translate_iterable(lines, window=window, num_hypotheses=n, sample=sample or None,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **options)
     out = sys.stdout
     for index, results in enumerate(stream):
@@ -43,14 +49,14 @@ def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batc
 
 @click.command("sample")
 @click.option("-m", "--model", "run", required=True, type=click.Path(), help="Run directory.")
-@click.option("-n", "num", type=click.IntRange(min=1), default=10, show_default=True, help="Samples per prompt.")
+@click.option("-n", "num", type=Bounded(int, Range(1, 10**6)), default=10, show_default=True, help="Samples per prompt.")
 @click.option("--prompt", default="", help="Text to continue (a source sentence for a translation model); "
                                            "'-' reads one prompt per line from stdin.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample among the k best (0: all).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, help="Nucleus mass (1: all).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-len", type=click.IntRange(min=1), default=None, help="Most tokens generated.")
+@click.option("--temperature", type=Bounded(float, "decode.temperature"), default=1.0, show_default=True)
+@click.option("--top-k", type=Bounded(int, "decode.top_k"), default=0, help="Sample among the k best (0: all).")
+@click.option("--top-p", type=Bounded(float, "decode.top_p"), default=1.0, help="Nucleus mass (1: all).")
+@click.option("--seed", type=Bounded(int, "decode.seed"), default=0, show_default=True)
+@click.option("--max-len", type=Bounded(int, Range(1, 2**20)), default=None, help="Most tokens generated.")
 @click.option("--checkpoint", "weights", type=click.Choice(["model", "last", "averaged"]), default="model")
 @click.option("--device", default=None)
 def sample(run, num, prompt, temperature, top_k, top_p, seed, max_len, weights, device):

@@ -23,6 +23,7 @@ import copy
 import hashlib
 import os
 import platform
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from mt import checkpoint
 from mt.errors import MTError
 from mt.tokenizer import EOS
 
@@ -43,6 +45,47 @@ def cache_dir() -> Path:
     if os.environ.get("MT_CACHE_DIR"):
         return Path(os.environ["MT_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mt"
+
+
+def private_cache_dir() -> Path:
+    """cache_dir(), created 0700 if new, and refused unless only this user can write it: a package
+    there is native code this process runs, so nobody else may be able to plant one."""
+    path = cache_dir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.stat()
+    except OSError as e:
+        raise MTError(f"--aot: cannot use the compiled-code cache {path} ({e.strerror or e})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MTError(f"--aot: the compiled-code cache {path} is not a directory; set MT_CACHE_DIR to one")
+    if st.st_uid != os.getuid():
+        raise MTError(f"--aot: the compiled-code cache {path} belongs to another user (uid {st.st_uid}); code "
+                      "there would run as you: set MT_CACHE_DIR to a folder of your own")
+    if st.st_mode & 0o022:
+        raise MTError(f"--aot: the compiled-code cache {path} is writable by other users "
+                      f"(mode {stat.S_IMODE(st.st_mode):o}); code planted there would run as you: "
+                      f"chmod go-w it, or set MT_CACHE_DIR to a private folder")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _trusted(path: Path) -> bool:
+    """A package this user compiled: a regular file of ours that nobody else can write, whose content
+    hash is the one recorded beside it when it was written (a damaged or foreign file is not)."""
+    try:
+        st, record = path.lstat(), path.with_name(path.name + ".sha256")
+        return (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+                and record.is_file() and record.read_text().strip() == _sha256(path))
+    except OSError:
+        return False
 
 
 class MatVecLinear(nn.Linear):
@@ -211,15 +254,18 @@ class AotDecoder:
 
     def _load_or_compile(self, kind: str):
         """AOTInductor's runner from the disk cache, or exported, compiled and written there."""
-        path = cache_dir() / f"{kind}-{self.key(kind)}.pt2"
+        path = private_cache_dir() / f"{kind}-{self.key(kind)}.pt2"
+        record = path.with_name(path.name + ".sha256")
         try:
-            if path.exists():
-                try:
-                    return torch._inductor.aoti_load_package(str(path)).loader
-                except Exception:  # a damaged or foreign file: build it again
-                    path.unlink(missing_ok=True)
+            if path.exists() or path.is_symlink():
+                if _trusted(path):
+                    try:
+                        return torch._inductor.aoti_load_package(str(path)).loader
+                    except Exception:  # damaged after all: build it again
+                        pass
+                path.unlink(missing_ok=True)  # not ours, or damaged: never loaded
+                record.unlink(missing_ok=True)
             module, example, lengths = self._example(kind)
-            path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)  # written whole, then renamed into place
             os.close(fd)
             try:
@@ -235,8 +281,9 @@ class AotDecoder:
                     # not recomputed for every row of the product reading it (docs/performance.md)
                     torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs={
                         "aot_inductor.allow_stack_allocation": True, "realize_opcount_threshold": 16})
+                checkpoint.atomic_write_text(record, _sha256(Path(tmp)) + "\n")
                 os.replace(tmp, path)
-                for old in path.parent.glob(f"{kind}-*.pt2"):  # left by other versions: never loaded again
+                for old in path.parent.glob(f"{kind}-*.pt2*"):  # left by other versions: never loaded again
                     if not old.name.startswith(f"{kind}-{_VERSION}-"):
                         old.unlink(missing_ok=True)
             finally:

@@ -86,6 +86,10 @@ class DecoderLM(SequenceModel):
     def max_output_tokens(self, source_lengths):
         return self.cfg.max_positions - 2 - (source_lengths + 1)  # the prefix takes positions too
 
+    def max_target_tokens(self, source_length: int) -> int:
+        # a prefix LM's source and its EOS come first in the same table
+        return self.cfg.max_positions - 1 - (source_length + 1 if self.prefix_lm else 0)
+
     def _run(self, ids, pos, *, mask=None, causal=False, cache=None):
         x = self.drop(self.embed(ids) * math.sqrt(self.cfg.d_model) + self.positions[pos])
         for i, layer in enumerate(self.layers):

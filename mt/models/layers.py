@@ -144,7 +144,7 @@ class SequenceModel(nn.Module):
     `forward(src, tgt_in, tgt_out)` -> logits, `new_cache(src, max_len)`, `step(tokens, cache)`.
     Questions the rest of mt asks a model instead of reading its architecture name:
     `reads_prompts` (inputs are prompts to continue, not sentences to translate),
-    `max_source_tokens()`, `max_output_tokens(source_lengths)`.
+    `max_source_tokens()`, `max_output_tokens(source_lengths)`, `max_target_tokens(source_length)`.
     """
 
     reads_prompts = False
@@ -201,6 +201,11 @@ class SequenceModel(nn.Module):
     def max_output_tokens(self, source_lengths: torch.Tensor) -> torch.Tensor:
         """Longest output per source before EOS (positions left in the table)."""
         return torch.full_like(source_lengths, self.cfg.max_positions - 2)
+
+    def max_target_tokens(self, source_length: int) -> int:
+        """Longest target (before EOS) teacher forcing scores exactly after a source of this length:
+        BOS + target fill the position table."""
+        return self.cfg.max_positions - 1
 
 
 def _drop_tied_output(model, state_dict, prefix, local_metadata):

@@ -11,7 +11,9 @@ Needs the optional `ctranslate2` package (pip install "mt[ctranslate2]").
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from mt.checkpoint import load_run
@@ -101,12 +103,18 @@ def build_spec(model, pieces: list[str]):
 
 
 def export_ctranslate2(run: str | Path, out: str | Path, *, weights: str = "model",
-                       quantization: str | None = None) -> Path:
-    """Write RUN as a CTranslate2 model directory OUT (with spm.model and mt_export.json beside it)."""
-    cfg, model, tok = load_run(run, weights=weights)
+                       quantization: str | None = None, overwrite: bool = False) -> Path:
+    """Write RUN as a CTranslate2 model directory OUT (with spm.model and mt_export.json beside it).
+    An existing non-empty OUT is refused, or replaced with overwrite=True when it is an earlier export
+    (it holds mt_export.json); the new model is written beside it under a temporary name of this
+    process's own and renamed into place, so OUT is never half-written."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise MTError(f"{out}: exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise MTError(f"{out}: exists and is not empty (--overwrite replaces an earlier export)")
+        if not (out / "mt_export.json").is_file():
+            raise MTError(f"{out}: exists and is not an mt export (no mt_export.json): not replaced")
+    cfg, model, tok = load_run(run, weights=weights)
     sp = tok.sp
     try:
         spec = build_spec(model, [sp.id_to_piece(i) for i in range(sp.get_piece_size())])
@@ -114,9 +122,26 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, weights: str = "mode
         raise MTError(f"{run}: {e}") from None
     spec.validate()
     spec.optimize(quantization=quantization)
-    tmp = out.with_name(out.name + ".tmp")  # a half-written model never sits at OUT
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # ours alone
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # the mode a plain mkdir would give OUT
+        _write(spec, tmp, run, cfg, weights, quantization)
+        if out.exists():  # an earlier export (checked above): moved aside, then removed
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "model")
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(spec, tmp: Path, run, cfg, weights: str, quantization) -> None:
     spec.save(str(tmp))
     shutil.copy(Path(run) / "spm.model", tmp / "spm.model")
     dc = cfg.decode
@@ -125,7 +150,3 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, weights: str = "mode
         "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang, "lowercase": cfg.data.lowercase,
         "beam_size": dc.beam_size, "length_penalty": dc.length_penalty,
         "max_len_a": dc.max_len_a, "max_len_b": dc.max_len_b}, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out

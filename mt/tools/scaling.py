@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,12 +79,10 @@ def run_sweep(sweep: dict, *, out_dir: str | Path | None = None, log=print) -> l
             records.append(json.loads(record_path.read_text()))
             continue
         resume = (run / "state").is_dir() or (run / "state.old").is_dir()
-        run.mkdir(parents=True, exist_ok=True)
-        if first_spm is not None and not (run / "spm.model").is_file():
-            shutil.copy(first_spm, run / "spm.model")  # one tokenizer for the whole sweep
         log(f"mt scaling: {'resuming' if resume else 'training'} {entry['name']}")
         start = time.time()
-        train(cfg, resume=resume)
+        # one tokenizer for the whole sweep; a run that stopped before its first save starts again
+        train(cfg, resume=resume, overwrite=not resume, tokenizer=None if resume else first_spm)
         progress = json.loads((run / "state" / "progress.json").read_text())
         losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         valid = [r for r in losses if "valid_loss" in r and "averaged" not in r]
