@@ -18,7 +18,7 @@ from mt.errors import MTError
 
 
 SCHEDULES = ("inverse_sqrt", "cosine", "linear")
-ARCHS = ("transformer", "prefix_lm", "decoder_only", "linear")
+ARCHS = ("transformer", "diffusion", "prefix_lm", "decoder_only", "linear")
 LM_ARCHS = ("decoder_only", "linear")   # model P(x) of monolingual text; the others model P(y | x)
 
 
@@ -52,7 +52,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "transformer"           # transformer (encoder-decoder), prefix_lm, decoder_only, linear
+    arch: str = "transformer"           # transformer (encoder-decoder), diffusion (masked-diffusion
+                                        # encoder-decoder), prefix_lm, decoder_only, linear
     enc_layers: int = 3                 # encoder layers
     dec_layers: int = 3                 # decoder layers
     d_model: int = 256                  # width of every residual stream
@@ -119,6 +120,9 @@ class DecodeConfig:
     top_k: int = 0                      # sampling: among the k best tokens only (0: all)
     top_p: float = 1.0                  # sampling: among the smallest set with this much mass (1: all)
     seed: int = 0                       # sampling: draws are keyed by (seed, sentence, step)
+    steps: int = 10                     # diffusion: denoising steps (passes of the decoder per length)
+    length_beam: int = 3                # diffusion: candidate lengths decoded, the best kept
+    bound_samples: int = 8              # diffusion: timesteps per sentence of the score's NELBO estimate
 
 
 @dataclass
@@ -177,6 +181,7 @@ RANGES = {
     "decode.max_len_b": Range(0, 2**20), "decode.batch_tokens": Range(1, 2**32),
     "decode.max_batch_sentences": Range(1, 2**20), "decode.temperature": Range(0, 1e4),
     "decode.top_k": Range(0, 2**20), "decode.top_p": Range(0, 1, low_open=True), "decode.seed": Range(0, 2**63 - 1),
+    "decode.steps": Range(1, 1024), "decode.length_beam": Range(1, 64), "decode.bound_samples": Range(1, 10**4),
 }
 
 
@@ -314,5 +319,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.schedule != "inverse_sqrt" and not (t.max_steps or t.max_minutes or t.max_epochs or t.max_tokens):
         raise MTError(f"{source}: train.schedule={t.schedule} decays over the budget: "
                       "set train.max_steps, train.max_tokens, train.max_minutes or train.max_epochs")
+    if m.arch == "diffusion" and t.rdrop_alpha:
+        raise MTError(f"{source}: train.rdrop_alpha (R-Drop) applies to autoregressive models, not model.arch diffusion")
     if len(t.betas) != 2:
         raise MTError(f"{source}: train.betas must be a list of two floats")

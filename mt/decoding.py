@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from mt.config import DecodeConfig
-from mt.search import Hypothesis, beam_search, generate
+from mt.search import Hypothesis, beam_search, generate, mask_predict
 from mt.tokenizer import EOS, PAD, Tokenizer
 
 
@@ -60,14 +60,18 @@ def decode_ids(model, src_ids: dict[int, list[int]], count: int, *, options: Dec
                            ids=[ids[r // n] * n + r % n for r in range(count * n)], one_at_a_time=one_at_a_time)
         return [[h for j in range(n) for h in draws[i * n + j]] for i in range(count)]
     out: list[list[Hypothesis]] = [[] for _ in range(count)]
-    width = 1 if options.sample else options.beam_size
+    width = options.length_beam if model.parallel_decoding else 1 if options.sample else options.beam_size
     todo = list(src_ids)
     batches = ([i] for i in todo) if one_at_a_time else token_batches(todo, src_ids, width, options)
     for batch in batches:
         src = pad_sources([src_ids[i] for i in batch], eos=not model.reads_prompts).to(device)
         lens = torch.tensor([len(src_ids[i]) for i in batch])
         max_lens = torch.minimum((options.max_len_a * lens + options.max_len_b).long(), model.max_output_tokens(lens))
-        if width == 1:
+        if model.parallel_decoding:
+            res = mask_predict(model, src, max_lens, steps=options.steps, length_beam=options.length_beam,
+                               nbest=num_hypotheses, sample=options.sample, temperature=options.temperature,
+                               ids=[ids[i] for i in batch], seed=options.seed)
+        elif width == 1:
             res = [[h] for h in generate(model, src, max_lens, sample=options.sample, ids=[ids[i] for i in batch],
                                          seed=options.seed, temperature=options.temperature, top_k=options.top_k,
                                          top_p=options.top_p, length_penalty=options.length_penalty)]

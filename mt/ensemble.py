@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
+from mt.errors import MTError
+
 
 class EnsembleCache:
     """One decoding cache per member; reordered together (beam search, finished sentences)."""
@@ -32,10 +34,15 @@ class EnsembleCache:
 
 
 class Ensemble(nn.Module):
+    parallel_decoding = False  # members decode left to right (a diffusion model is refused)
+    exact_likelihood = True
+
     def __init__(self, models: list[nn.Module]):
         super().__init__()
         if len(models) < 2:
             raise ValueError("an ensemble needs at least two models")
+        if any(getattr(m, "parallel_decoding", False) for m in models):
+            raise MTError("ensembles combine left-to-right models: a diffusion model decodes alone")
         self.members = nn.ModuleList(models)
         self.cfg = models[0].cfg
         self.reads_prompts = models[0].reads_prompts

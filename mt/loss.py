@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from mt.tokenizer import PAD
+
 
 class _SmoothedCE(torch.autograd.Function):
     @staticmethod
@@ -43,3 +45,12 @@ def symmetric_kl(logits: torch.Tensor) -> torch.Tensor:
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float):
     """(N, V) logits, (N,) targets -> (summed smoothed loss, summed NLL); both scalars, float32."""
     return _SmoothedCE.apply(logits.float(), target, float(eps))
+
+
+def training_loss(out, tgt_out: torch.Tensor, eps: float):
+    """(summed training loss, summed NLL or NELBO) of a model's training forward pass: logits (N, V)
+    of the non-pad target positions (autoregressive models), or an object with its own
+    `loss(label_smoothing)` (mt.models.diffusion.DiffusionTerms)."""
+    if isinstance(out, torch.Tensor):
+        return smoothed_cross_entropy(out, tgt_out[tgt_out != PAD], eps)
+    return out.loss(eps)

@@ -15,13 +15,15 @@ import torch
 
 from mt import data as data_mod
 from mt.data import ParallelData, TokenArray
-from mt.tokenizer import PAD
+from mt.tokenizer import EOS, PAD
 
 
 @dataclass
 class PairScore:
     logprob: float   # log P(y | x), natural log, summed over target tokens including EOS; nan: not scored
     tokens: int      # target tokens scored (EOS included); 0: not scored (too long for the model)
+    bound: bool = False   # logprob is a lower bound on log P(y | x) (minus a diffusion model's NELBO estimate)
+    stderr: float = 0.0   # the bound's Monte-Carlo standard error
 
     @property
     def scored(self) -> bool:
@@ -59,10 +61,35 @@ def score_data(model, data: ParallelData, *, batch_tokens: int, device) -> list[
 
 
 def score_ids(model, src_ids: list[list[int]], tgt_ids: list[list[int]], *, batch_tokens: int,
-              device) -> list[PairScore]:
-    """Score id sequences (without BOS/EOS); results in input order."""
+              device, samples: int = 8, seed: int = 0, steps: int = 0) -> list[PairScore]:
+    """Score id sequences (without BOS/EOS); results in input order. A model without an exact
+    likelihood (masked diffusion) gets its bound (bound_data: `samples`, `seed`, `steps`)."""
     data = ParallelData(TokenArray.from_lists(src_ids), TokenArray.from_lists(tgt_ids))
+    if not model.exact_likelihood:
+        return bound_data(model, data, batch_tokens=batch_tokens, device=device, samples=samples, seed=seed,
+                          steps=steps)
     return score_data(model, data, batch_tokens=batch_tokens, device=device)
+
+
+@torch.inference_mode()
+def bound_data(model, data: ParallelData, *, batch_tokens: int, device, samples: int, seed: int = 0,
+               steps: int = 0) -> list[PairScore]:
+    """Per pair, minus the NELBO of a masked-diffusion model (-log P(L | x) + the masked tokens'
+    weighted NLL), estimated with `samples` stratified timesteps (steps = T: the T-step bound), as a
+    PairScore with bound=True and the estimate's standard error. Draws are keyed by the pair's index,
+    so the estimate does not depend on the batching."""
+    out: list[PairScore | None] = [None] * len(data.tgt)
+    for idx in data_mod.token_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens,
+                                      seed=0, epoch=0, shuffle=False):
+        b = data_mod.collate(data, idx)
+        y = b["tgt_out"].masked_fill(b["tgt_out"] == EOS, PAD).to(device)
+        terms = model.nelbo(b["src"].to(device), y, samples=samples, seed=seed, ids=torch.as_tensor(idx), steps=steps)
+        mean = terms.double().mean(1)
+        err = terms.double().std(1) / math.sqrt(samples) if samples > 1 else torch.zeros_like(mean)
+        for row, i in enumerate(idx.tolist()):
+            out[i] = PairScore(-float(mean[row]), int((b["tgt_out"][row] != PAD).sum()), bound=True,
+                               stderr=float(err[row]))
+    return out
 
 
 def perplexities(scores: list[PairScore]) -> dict:
@@ -74,9 +101,12 @@ def perplexities(scores: list[PairScore]) -> dict:
     M = max(len(scored), 1)
     if not total_tok:
         nan = float("nan")
-        return {"sentences": 0, "not_scored": len(scores), "tokens": 0, "logprob": 0.0, "nll_per_token": nan,
+        return {"sentences": 0, "not_scored": len(scores), "bound": False, "stderr": 0.0, "tokens": 0,
+                "logprob": 0.0, "nll_per_token": nan,
                 "ppl_per_token": nan, "ppl_per_sentence": nan}
-    return {"sentences": len(scored), "not_scored": len(scores) - len(scored), "tokens": total_tok, "logprob": total_lp,
+    bound = any(s.bound for s in scored)  # a diffusion model's: perplexities are upper bounds
+    return {"sentences": len(scored), "not_scored": len(scores) - len(scored), "bound": bound,
+            "stderr": math.sqrt(sum(s.stderr ** 2 for s in scored)), "tokens": total_tok, "logprob": total_lp,
             "nll_per_token": -total_lp / max(total_tok, 1),
             "ppl_per_token": math.exp(-total_lp / max(total_tok, 1)),
             "ppl_per_sentence": _safe_exp(-total_lp / M)}
@@ -86,4 +116,4 @@ def _safe_exp(x: float) -> float:
     return math.exp(x) if x < 709 else float("inf")
 
 
-__all__ = ["PairScore", "NOT_SCORED", "token_logprobs", "score_data", "score_ids", "perplexities"]
+__all__ = ["PairScore", "NOT_SCORED", "token_logprobs", "score_data", "score_ids", "bound_data", "perplexities"]

@@ -6,7 +6,8 @@ the cache only through its protocol (mt.models.cache.DecodingCache). Finished se
 from the batch (`cache.reorder`), so they cost nothing afterwards.
 Beam search runs its first step once per sentence and then repeats each row k times (`cache.expand`).
 Sampling draws one counter-based uniform per (seed, sentence id, step): the same seed and input give
-the same output whatever the batch size or order.
+the same output whatever the batch size or order. A masked-diffusion model decodes in parallel
+instead (`mask_predict`): its encoder once, then T passes of its denoiser over all positions.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mt.tokenizer import EOS, BOS
+from mt.tokenizer import BOS, EOS, PAD
 
 
 @dataclass
@@ -200,3 +201,62 @@ def beam_search(model, src, max_lens, *, beam_size: int, length_penalty: float =
         hist_tok, hist_lp = hist_tok[rows], hist_lp[rows]
         tokens = new_tok[rows][:, None].to(src.device)
     return [sorted(fin, key=lambda h: h.score, reverse=True)[:nbest] for fin in finished]
+
+
+@torch.inference_mode()
+def mask_predict(model, src, max_lens, *, steps: int, length_beam: int, nbest: int = 1, sample: bool = False,
+                 temperature: float = 1.0, ids=None, seed: int = 0) -> list[list[Hypothesis]]:
+    """Parallel decoding of a masked-diffusion model (mt.models.diffusion), Mask-Predict style.
+
+    For each sentence, its `length_beam` most likely lengths (1 .. max_lens) start fully masked.
+    Each of `steps` passes predicts every masked position at once (argmax, or a draw at `temperature`
+    keyed by (seed, sentence id, candidate, position, pass)); then the least confident positions of
+    the whole candidate are masked again: L (T - 1 - s) // T of them after pass s, none after the
+    last, so every token is committed by pass T. A position keeps the log-prob it was committed with;
+    candidates are ranked by their mean. The encoder runs once per sentence, not once per pass.
+    Returns per sentence its `nbest` best candidates: score = mean token log-prob, logprob = log P(L | x)
+    + the committed tokens' log-probs (a ranking score, not log P(y | x)).
+    """
+    B = src.shape[0]
+    ids = torch.arange(B) if ids is None else torch.as_tensor(ids, dtype=torch.long)
+    memory, memory_mask = model.encode(src)
+    length_lp = model.length_log_probs(memory, memory_mask).cpu()            # (B, P)
+    P = length_lp.shape[1]
+    longest = max_lens.clamp(min=1, max=P - 1)
+    allowed = (torch.arange(P)[None, :] >= 1) & (torch.arange(P)[None, :] <= longest[:, None])
+    K = min(length_beam, int(allowed.sum(1).min()))
+    cand_lp, cand_len = length_lp.masked_fill(~allowed, float("-inf")).topk(K, dim=1)  # (B, K)
+    rows = torch.arange(B).repeat_interleave(K)
+    lengths = cand_len.flatten()
+    kv = [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in model.memory_kv(memory)]
+    mask_rows = memory_mask[rows.to(memory_mask.device)]
+    L = int(lengths.max())
+    real = torch.arange(L)[None, :] < lengths[:, None]                        # (B*K, L)
+    z = torch.full((B * K, L), model.mask_id, dtype=torch.long).masked_fill(~real, PAD)
+    tokens, conf = z.clone(), torch.zeros(B * K, L)
+    keys = ((ids[rows] * K + torch.arange(K).repeat(B)) * P)[:, None] + torch.arange(L)[None, :]
+    for s in range(steps):
+        masked = z == model.mask_id
+        lp = model.normalize(model.denoise(z.to(src.device), kv, mask_rows)).cpu()  # (B*K, L, V)
+        if sample:
+            probs = (lp / max(temperature, 1e-6)).softmax(-1).double()
+            cdf = probs.cumsum(-1)
+            u = _uniform(seed, keys.flatten(), s).view(B * K, L, 1) * cdf[..., -1:]
+            new_tok = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=lp.shape[-1] - 1)
+            new_lp = lp.gather(2, new_tok[..., None]).squeeze(-1)
+        else:
+            new_lp, new_tok = lp.max(-1)
+        tokens, conf = torch.where(masked, new_tok, tokens), torch.where(masked, new_lp, conf)
+        remask = (lengths * (steps - 1 - s)) // steps                         # (B*K,)
+        if not bool((remask > 0).any()):
+            break
+        order = conf.masked_fill(~real, float("inf")).argsort(dim=1, stable=True)  # least confident first
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(L).expand(B * K, L).contiguous())
+        z = tokens.masked_fill(rank < remask[:, None], model.mask_id).masked_fill(~real, PAD)
+    mean = (conf * real).sum(1) / lengths
+    out = []
+    for b in range(B):
+        cands = sorted(range(b * K, (b + 1) * K), key=lambda r: -float(mean[r]))[:nbest]
+        out.append([Hypothesis(tokens[r, :lengths[r]].tolist(), float(conf[r, :lengths[r]].sum() + cand_lp.flatten()[r]),
+                               float(mean[r]), conf[r, :lengths[r]].tolist()) for r in cands])
+    return out

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mt import checkpoint, data as data_mod, fast
 from mt.config import Config
 from mt.errors import MTError
-from mt.loss import smoothed_cross_entropy, symmetric_kl
+from mt.loss import symmetric_kl, training_loss
 from mt.models import build_model
 from mt.schedule import budget_used, lr_at
 from mt.tokenizer import PAD, Tokenizer, train_tokenizer
@@ -55,10 +55,10 @@ def update(model, optimizer, accelerator: Accelerator, micro: list[dict], *, lr:
             m = {k: torch.cat([v, v]) for k, v in m.items()}
         sync = a == len(micro) - 1  # gradients are all-reduced once, after the last micro-batch
         with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-            logits = model(m["src"], m["tgt_in"], m["tgt_out"])  # (N, V) non-pad positions
-            loss, nll = smoothed_cross_entropy(logits, m["tgt_out"][m["tgt_out"] != PAD], label_smoothing)
+            out = model(m["src"], m["tgt_in"], m["tgt_out"])  # logits (N, V) of non-pad positions, or
+            loss, nll = training_loss(out, m["tgt_out"], label_smoothing)  # a diffusion model's terms
             if rdrop_alpha:
-                loss, nll = loss / 2 + rdrop_alpha / 2 * symmetric_kl(logits), nll / 2
+                loss, nll = loss / 2 + rdrop_alpha / 2 * symmetric_kl(out), nll / 2
         accelerator.backward(loss * world / total)  # DDP averages over processes: undo that, divide by all tokens
         loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
     finite = accelerator.reduce(torch.tensor(float(math.isfinite(loss_sum)), device=accelerator.device), "min")

@@ -88,18 +88,21 @@ class Translator:
                         length_penalty: float | None = None, max_len_a: float | None = None,
                         max_len_b: int | None = None, sample: bool | None = None, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                        steps: int | None = None, length_beam: int | None = None,
                         line_numbers: list[int] | None = None) -> list[list[Translation]]:
         """Per source, its `num_hypotheses` best translations (or samples with sample=True), best first.
 
-        beam_size 1 is greedy search. Draw j of source i is keyed by (seed, line i, j), so samples do
-        not depend on the batching; `line_numbers` (0-based) number the sources for that and for
+        beam_size 1 is greedy search; a diffusion model decodes with `steps` passes over
+        `length_beam` candidate lengths instead. Draw j of source i is keyed by (seed, line i, j), so
+        samples do not depend on the batching; `line_numbers` (0-based) number the sources for that and for
         warnings (default: their positions).
         """
         options = self.options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
                                 max_len_b=max_len_b, sample=sample, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed)
-        if not options.sample:
-            options = replace(options, beam_size=max(options.beam_size, num_hypotheses))
+                                top_p=top_p, seed=seed, steps=steps, length_beam=length_beam)
+        if not options.sample:  # room for num_hypotheses in the beam (a diffusion model: its lengths)
+            options = replace(options, beam_size=max(options.beam_size, num_hypotheses),
+                              length_beam=max(options.length_beam, num_hypotheses))
         _, hyps = self._decode(sources, options, num_hypotheses, line_numbers)
         texts = self.tokenizer.decode([h.tokens for hs in hyps for h in hs])
         it = iter(texts)
@@ -109,7 +112,8 @@ class Translator:
                            num_hypotheses: int = 1, length_penalty: float | None = None,
                            max_len_a: float | None = None, max_len_b: int | None = None, sample: bool | None = None,
                            temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                           seed: int | None = None) -> Iterator[list[Translation]]:
+                           seed: int | None = None, steps: int | None = None,
+                           length_beam: int | None = None) -> Iterator[list[Translation]]:
         """translate_batch over an iterable read lazily, `window` lines at a time (sorted by length
         within it), yielding each line's translations in input order as its window finishes."""
         it, start = iter(lines), 0
@@ -117,7 +121,8 @@ class Translator:
             yield from self.translate_batch(
                 chunk, beam_size=beam_size, num_hypotheses=num_hypotheses, length_penalty=length_penalty,
                 max_len_a=max_len_a, max_len_b=max_len_b, sample=sample, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed, line_numbers=list(range(start, start + len(chunk))))
+                top_p=top_p, seed=seed, steps=steps, length_beam=length_beam,
+                line_numbers=list(range(start, start + len(chunk))))
             start += len(chunk)
 
     def generate_batch(self, prompts: list[str], *, num_samples: int = 4, temperature: float | None = None,
@@ -132,11 +137,15 @@ class Translator:
         prefix = (lambda i: src_ids.get(i, [])) if self.model.reads_prompts else (lambda i: [])
         return [self.tokenizer.decode([prefix(i) + h.tokens for h in hs]) for i, hs in enumerate(hyps)]
 
-    def score_batch(self, sources: list[str], targets: list[str]) -> list[PairScore]:
+    def score_batch(self, sources: list[str], targets: list[str], *, samples: int | None = None,
+                    steps: int = 0) -> list[PairScore]:
         """log P(target | source) and the number of target tokens scored (EOS included), per pair;
         a language model scores log P(target) (give empty sources). A pair longer than the model's
         position table is not scored (NOT_SCORED: logprob nan, 0 tokens), with a warning naming it:
-        a truncated pair's number would be another pair's."""
+        a truncated pair's number would be another pair's. A masked-diffusion model has no exact
+        log P: its score is minus its NELBO (bound=True), estimated with `samples` timesteps per pair
+        (default decode.bound_samples; the standard error in `stderr`); steps=T: the looser T-step
+        bound."""
         if len(sources) != len(targets):
             raise MTError(f"{len(sources)} sources but {len(targets)} targets")
         src_ids = self.tokenizer.encode([clean_line(x) for x in sources])
@@ -151,17 +160,19 @@ class Translator:
                 warn(f"pair {i + 1} is not scored: {len(s)} source and {len(t)} target tokens, but the model "
                      f"scores at most {max_src} and {max(max_tgt, 0)} (its position table)")
         scored = score_ids(self.model, [src_ids[i] for i in fits], [tgt_ids[i] for i in fits],
-                           batch_tokens=self.cfg.decode.batch_tokens, device=self.device)
+                           batch_tokens=self.cfg.decode.batch_tokens, device=self.device,
+                           samples=samples or self.cfg.decode.bound_samples, seed=self.cfg.decode.seed, steps=steps)
         results = [NOT_SCORED] * len(sources)
         for i, r in zip(fits, scored):
             results[i] = r
         return results
 
     def translate(self, sources: list[str], *, beam_size: int | None = None, length_penalty: float | None = None,
-                  max_len_a: float | None = None, max_len_b: int | None = None) -> list[str]:
+                  max_len_a: float | None = None, max_len_b: int | None = None, steps: int | None = None,
+                  length_beam: int | None = None) -> list[str]:
         """The best translation of each source (beam_size=1: greedy search)."""
         results = self.translate_batch(sources, beam_size=beam_size, length_penalty=length_penalty,
-                                       max_len_a=max_len_a, max_len_b=max_len_b)
+                                       max_len_a=max_len_a, max_len_b=max_len_b, steps=steps, length_beam=length_beam)
         return [r[0].text if r else "" for r in results]
 
     def default_window(self, *, interactive: bool = False, beam_size: int | None = None,

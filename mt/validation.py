@@ -13,7 +13,7 @@ from mt import checkpoint
 from mt.config import Config
 from mt.decoding import decode_ids, encode_sources
 from mt.metrics import corpus_scores, perplexity
-from mt.scoring import token_logprobs
+from mt.scoring import bound_data, token_logprobs
 
 
 def improves(metric: float, best: float | None, *, ties: bool = False) -> bool:
@@ -31,11 +31,17 @@ def selection_metric(scores: dict, cfg: Config) -> float:
 
 @torch.no_grad()
 def validate(model, tokenizer, valid, cfg: Config, device) -> dict:
-    """Per-token loss (NLL of the decoding distribution) and perplexity, and greedy BLEU, on the validation set."""
+    """Per-token loss (NLL of the decoding distribution; a diffusion model's NELBO, an upper bound)
+    and perplexity, and greedy BLEU (a diffusion model: decode.steps passes), on the validation set."""
     src_text, ref_text, data = valid
     model.eval()
     nll_sum, ntok = 0.0, 0
-    for _, tok_lp, mask in token_logprobs(model, data, batch_tokens=cfg.train.batch_tokens, device=device):
+    if not model.exact_likelihood:  # a diffusion model: its NELBO, with the same draws every time
+        for s in bound_data(model, data, batch_tokens=cfg.train.batch_tokens, device=device,
+                            samples=cfg.decode.bound_samples):
+            nll_sum, ntok = nll_sum - s.logprob, ntok + s.tokens
+    for _, tok_lp, mask in (token_logprobs(model, data, batch_tokens=cfg.train.batch_tokens, device=device)
+                            if model.exact_likelihood else ()):
         nll_sum -= float(tok_lp.sum())
         ntok += int(mask.sum())
     scores = {"valid_loss": nll_sum / ntok, "valid_ppl": perplexity(nll_sum, ntok)}

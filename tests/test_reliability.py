@@ -281,16 +281,16 @@ def test_non_finite_losses_stop_training_with_state_saved(multi30k_dir, tmp_path
     """Losses that turn non-finite after 2 updates: skipped updates are logged, then exit 2 after 3 in a
     row, state saved."""
     import mt.train
-    from mt.loss import smoothed_cross_entropy
+    from mt.loss import training_loss
 
     calls = []
 
     def diverging(*args):
         calls.append(1)
-        loss, nll = smoothed_cross_entropy(*args)
+        loss, nll = training_loss(*args)
         return (loss * float("nan"), nll) if len(calls) > 2 else (loss, nll)
 
-    monkeypatch.setattr(mt.train, "smoothed_cross_entropy", diverging)
+    monkeypatch.setattr(mt.train, "training_loss", diverging)
     out = tmp_path / "run"
     args = train_cmd(multi30k_dir, out, "train.max_bad_steps=3", "train.max_steps=50", "train.log_every=1",
                      "train.valid_every=1000", "train.save_every=1000")[3:]

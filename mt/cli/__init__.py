@@ -10,7 +10,7 @@ import sys
 import click
 
 from mt.cli import bench, evaluate, scaling, translate as translate_cmd
-from mt.cli.common import Bounded
+from mt.cli.common import Bounded, _runs
 from mt.config import Range
 from mt.errors import MTError
 
@@ -169,6 +169,27 @@ def export(run, fmt, out, weights, quantization, overwrite):
     path = export_ctranslate2(run, out, weights=weights, quantization=quantization, overwrite=overwrite)
     click.echo(f"mt: wrote a CTranslate2 model to {path} (tokenizer: {path}/spm.model; input format: "
                f"`python -c 'import mt.tools.export; help(mt.tools.export)'`)", err=True)
+
+
+@main.command()
+@click.option("-m", "--model", "run", required=True, multiple=True, type=click.Path(), callback=_runs,
+              help="Teacher run directory; repeat it for an ensemble of teachers.")
+@click.option("--train", "prefix", required=True, help="Corpus PREFIX: reads PREFIX.SRC (or PREFIX.SRC.gz).")
+@click.option("--out", required=True, help="Output PREFIX: writes OUT.SRC (a copy) and OUT.TGT (the translations).")
+@click.option("--beam", "beam_size", type=Bounded(int, "decode.beam_size"), default=5, show_default=True)
+@click.option("--window", type=Bounded(int, Range(1, 10**6)), default=1000, show_default=True,
+              help="Lines translated (and written) together.")
+@click.option("--device", default=None)
+def distill(run, prefix, out, beam_size, window, device):
+    """Sequence-level knowledge distillation: the teacher's beam translations of a training corpus,
+    as a corpus (train a student with data.train=OUT). Resumable: rerun the same command."""
+    from mt.cli.common import load_translator
+    from mt.tools.distill import distill as run_distill
+
+    t = load_translator(run, "model", device)
+    src, tgt = run_distill(t, prefix, t.cfg.data.src_lang, t.cfg.data.tgt_lang, out, beam_size=beam_size,
+                           window=window)
+    click.echo(f"mt: wrote {src} and {tgt}", err=True)
 
 
 main.add_command(translate_cmd.translate)

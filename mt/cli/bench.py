@@ -48,17 +48,21 @@ def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
               help="Batch-1 latency instead: the first N sentences one at a time, ms per token vs the time "
                    "to read a step's weights from main memory and at their own working-set read rate.")
 @sampling_options
+@click.option("--steps", type=Bounded(int, "decode.steps"), default=None, help="Diffusion models: denoising passes.")
+@click.option("--length-beam", type=Bounded(int, "decode.length_beam"), default=None,
+              help="Diffusion models: candidate lengths.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_translate(run, src, beam_size, batch_tokens, batch_sentences, repeats, device, quantize, aot,
-                    latency, sample, temperature, top_k, top_p, seed, as_json):
+                    latency, sample, temperature, top_k, top_p, seed, steps, length_beam, as_json):
     """Decoding speed: sentences/s and generated tokens/s (search, or --sample)."""
     from mt.tools import bench as b
 
     t = load_translator(run, "model", device, batch_tokens, quantize, batch_sentences, aot)
     if latency:
-        result = b.bench_latency(t, read_text(src), beam_size=beam_size, n=latency)
+        result = b.bench_latency(t, read_text(src), beam_size=beam_size, n=latency, steps=steps, length_beam=length_beam)
         click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate --latency (beam {beam_size})", result)
         return
     result = b.bench_translate(t, read_text(src), beam_size=1 if sample else beam_size, repeats=repeats,
-                               sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                               sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               steps=steps, length_beam=length_beam)
     click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate (beam {beam_size})", result)

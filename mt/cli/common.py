@@ -45,6 +45,10 @@ def decode_options(*, model_required: bool = True):
         click.option("--length-penalty", type=Bounded(float, "decode.length_penalty"), default=None, help="Score = log P / len ** this."),
         click.option("--max-len-a", type=Bounded(float, "decode.max_len_a"), default=None, help="Max output length = a * src len + b."),
         click.option("--max-len-b", type=Bounded(int, "decode.max_len_b"), default=None),
+        click.option("--steps", type=Bounded(int, "decode.steps"), default=None,
+                     help="Diffusion models: denoising passes per candidate length (default decode.steps, 10)."),
+        click.option("--length-beam", type=Bounded(int, "decode.length_beam"), default=None,
+                     help="Diffusion models: candidate lengths decoded, the best kept (default decode.length_beam, 3)."),
         click.option("--batch-tokens", type=Bounded(int, "decode.batch_tokens"), default=None,
                      help="Source tokens x beam per batch (default: the run's decode.batch_tokens)."),
         click.option("--batch-sentences", type=Bounded(int, "decode.max_batch_sentences"), default=None,
@@ -82,10 +86,10 @@ def load_translator(run, weights, device, batch_tokens=None, quantize=None, batc
     return t
 
 
-def search_options(beam_size, greedy, length_penalty, max_len_a, max_len_b) -> dict:
+def search_options(beam_size, greedy, length_penalty, max_len_a, max_len_b, steps=None, length_beam=None) -> dict:
     """The search keywords of Translator.translate_batch from the shared options."""
     return dict(beam_size=1 if greedy else beam_size, length_penalty=length_penalty,
-                max_len_a=max_len_a, max_len_b=max_len_b)
+                max_len_a=max_len_a, max_len_b=max_len_b, steps=steps, length_beam=length_beam)
 
 
 def one_line(text: str) -> str:
@@ -139,6 +143,9 @@ def read_text(path: str, **capped) -> list[str]:
 
 
 def format_ppl(v: dict) -> str:
+    """One line of perplexities; a diffusion model's are upper bounds ('<=', from its NELBO)."""
     skipped = f"; {v['not_scored']} not scored: too long for the model" if v.get("not_scored") else ""
-    return (f"perplexity per token {v['ppl_per_token']:.3f} (NLL {v['nll_per_token']:.4f} over {v['tokens']} "
-            f"tokens), per sentence {v['ppl_per_sentence']:.4g} ({v['sentences']} sentences{skipped})")
+    le = "<= " if v.get("bound") else ""
+    what = "NELBO" if v.get("bound") else "NLL"
+    return (f"perplexity per token {le}{v['ppl_per_token']:.3f} ({what} {v['nll_per_token']:.4f} over {v['tokens']} "
+            f"tokens), per sentence {le}{v['ppl_per_sentence']:.4g} ({v['sentences']} sentences{skipped})")

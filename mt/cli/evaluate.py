@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from mt.cli.common import (decode_options, format_ppl, load_translator, max_line_chars_option, read_text, search_options,
+from mt.config import Range
+
+from mt.cli.common import (Bounded, decode_options, format_ppl, load_translator, max_line_chars_option, read_text, search_options,
                            stdin_lines)
 from mt.errors import MTError
 
@@ -22,11 +24,17 @@ from mt.errors import MTError
 @click.option("--device", default=None)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout, JSON summary on stderr.")
 @max_line_chars_option
-def score(run, src, tgt, text, weights, device, as_json, max_line_chars):
+@click.option("--samples", type=Bounded(int, "decode.bound_samples"), default=None,
+              help="Diffusion models: timesteps per pair of the NELBO estimate (default decode.bound_samples, 8).")
+@click.option("--bound-steps", type=Bounded(int, Range(0, 1024)), default=0,
+              help="Diffusion models: the T-step bound for this T (default 0: the continuous-time bound).")
+def score(run, src, tgt, text, weights, device, as_json, max_line_chars, samples, bound_steps):
     """log P(y|x) (or log P(x) with --text) per line: 'log P<TAB>tokens<TAB>NLL per token'; summary on stderr.
 
     A pair the model cannot score exactly (longer than its position table, or a line cut at
-    --max-line-chars) prints 'nan<TAB>0<TAB>nan' (null in --json), with a warning naming it."""
+    --max-line-chars) prints 'nan<TAB>0<TAB>nan' (null in --json), with a warning naming it.
+    A diffusion model has no exact log P: each line is minus its NELBO (a lower bound on log P)
+    and a fourth column, the estimate's standard error; perplexities are upper bounds ('ppl <=')."""
     from mt.scoring import NOT_SCORED, perplexities
 
     cut: set[int] = set()  # 0-based lines cut at the character cap: their numbers would be wrong
@@ -53,21 +61,26 @@ def score(run, src, tgt, text, weights, device, as_json, max_line_chars):
         sources = [p[0] for p in pairs]
         targets = [p[1] if len(p) > 1 else "" for p in pairs]
     t = load_translator(run, weights, device)
-    results = [NOT_SCORED if i in cut else r for i, r in enumerate(t.score_batch(sources, targets))]
+    scored = t.score_batch(sources, targets, samples=samples, steps=bound_steps)
+    results = [NOT_SCORED if i in cut else r for i, r in enumerate(scored)]
+    bound = not t.model.exact_likelihood
     for r in results:
         if as_json:
-            click.echo(json.dumps({"logprob": r.logprob, "tokens": r.tokens, "nll_per_token": r.nll_per_token}
-                                  if r.scored else {"logprob": None, "tokens": 0, "nll_per_token": None}))
+            record = ({"logprob": r.logprob, "tokens": r.tokens, "nll_per_token": r.nll_per_token}
+                      if r.scored else {"logprob": None, "tokens": 0, "nll_per_token": None})
+            click.echo(json.dumps({**record, "bound": True, "stderr": r.stderr} if bound else record))
         else:
-            click.echo(f"{r.logprob:.4f}\t{r.tokens}\t{r.nll_per_token:.4f}")
+            click.echo(f"{r.logprob:.4f}\t{r.tokens}\t{r.nll_per_token:.4f}" + (f"\t{r.stderr:.4f}" if bound else ""))
     summary = perplexities(results)
     if as_json:
         click.echo(json.dumps({k: v if math.isfinite(v) else None for k, v in summary.items()}), err=True)
     else:
         skipped = f" ({summary['not_scored']} not scored: too long for the model)" if summary["not_scored"] else ""
+        le, what = ("<= ", f" (a bound: minus the NELBO, standard error {summary['stderr']:.2f})") if summary["bound"] else ("", "")
         click.echo(f"mt: {summary['sentences']} pairs{skipped}, {summary['tokens']} target tokens, "
-                   f"log P {summary['logprob']:.2f}, per-token perplexity {summary['ppl_per_token']:.3f}, "
-                   f"per-sentence perplexity {summary['ppl_per_sentence']:.3f}", err=True)
+                   f"log P {'>= ' if summary['bound'] else ''}{summary['logprob']:.2f}{what}, per-token perplexity "
+                   f"{le}{summary['ppl_per_token']:.3f}, per-sentence perplexity {le}{summary['ppl_per_sentence']:.3f}",
+                   err=True)
 
 
 # --- eval -------------------------------------------------------------------------------------
@@ -85,7 +98,7 @@ def score(run, src, tgt, text, weights, device, as_json, max_line_chars):
 @decode_options(model_required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(bleu, chrf, lc_tok, lang, ppl, hyp, ref, text, src, run, beam_size, greedy, length_penalty, max_len_a, max_len_b,
-             batch_tokens, batch_sentences, weights, device, quantize, aot, as_json):
+             steps, length_beam, batch_tokens, batch_sentences, weights, device, quantize, aot, as_json):
     """Score hypotheses (--hyp) or a model's translations of --src against --ref."""
     from mt.metrics import corpus_scores, lc_tok_bleu
     from mt.scoring import perplexities
@@ -121,7 +134,8 @@ def evaluate(bleu, chrf, lc_tok, lang, ppl, hyp, ref, text, src, run, beam_size,
             if len(hyps) != len(refs):
                 raise MTError(f"{hyp} has {len(hyps)} lines but {ref} has {len(refs)}")
         else:
-            hyps = t.translate(sources, **search_options(beam_size, greedy, length_penalty, max_len_a, max_len_b))
+            hyps = t.translate(sources, **search_options(beam_size, greedy, length_penalty, max_len_a, max_len_b,
+                                                         steps, length_beam))
         results.update(corpus_scores(hyps, refs, bleu=want_bleu, chrf=chrf))
         if lc_tok:
             suffix = Path(ref).suffix.lstrip(".")

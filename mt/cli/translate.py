@@ -21,13 +21,13 @@ from mt.cli.common import (Bounded, decode_options, interactive, load_translator
               help="Lines read ahead and sorted by length (default 1000; 1 when stdin is a terminal, or for "
                    "--aot's greedy search and sampling, which decode one line at a time anyway).")
 @max_line_chars_option
-def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, batch_tokens, batch_sentences,
-              weights, device, quantize, aot, sample, temperature, top_k, top_p, seed, nbest, scores, window,
-              max_line_chars):
+def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, steps, length_beam, batch_tokens,
+              batch_sentences, weights, device, quantize, aot, sample, temperature, top_k, top_p, seed, nbest, scores,
+              window, max_line_chars):
     """Translate stdin to stdout, one output line per input line (N with --nbest), in order."""
     lines = stdin_lines(max_line_chars)
     t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences, aot)
-    options = search_options(beam_size, greedy, length_penalty, max_len_a, max_len_b)
+    options = search_options(beam_size, greedy, length_penalty, max_len_a, max_len_b, steps, length_beam)
     n = nbest or 1
     window = window or t.default_window(interactive=interactive(), beam_size=options["beam_size"],
                                         sample=sample, num_hypotheses=n)

@@ -177,7 +177,7 @@ class AotDecoder:
 
         from mt.fast.int8 import is_quantized
 
-        if not isinstance(model, Transformer) or is_quantized(model):
+        if type(model) is not Transformer or is_quantized(model):  # not a subclass (diffusion decodes otherwise)
             raise MTError("--aot supports one float32 encoder-decoder model (no ensemble, no --quantize)")
         if next(model.parameters()).device.type != "cpu":
             raise MTError("--aot is for CPU decoding (batch-1 latency)")
@@ -193,6 +193,8 @@ class AotDecoder:
 
     # the questions decoding asks a model
     reads_prompts = False
+    parallel_decoding = False
+    exact_likelihood = True
 
     def max_source_tokens(self) -> int:
         return self.model.max_source_tokens()

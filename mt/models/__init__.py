@@ -11,18 +11,22 @@ import torch.nn as nn
 from mt.config import ModelConfig
 from mt.models.cache import DecodingCache, KVCache
 from mt.models.decoder_lm import DecoderLM
+from mt.models.diffusion import DiffusionTranslator
 from mt.models.layers import SequenceModel
 from mt.models.linear_lm import LinearLM
 from mt.models.transformer import Transformer
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """The model `cfg.arch` names: encoder-decoder, decoder-only / prefix LM, or the linear baseline."""
+    """The model `cfg.arch` names: encoder-decoder, masked diffusion, decoder-only / prefix LM, or
+    the linear baseline."""
     if cfg.arch == "transformer":
         return Transformer(cfg, vocab_size)
     if cfg.arch == "linear":
         return LinearLM(cfg, vocab_size)
+    if cfg.arch == "diffusion":
+        return DiffusionTranslator(cfg, vocab_size)
     return DecoderLM(cfg, vocab_size, prefix_lm=cfg.arch == "prefix_lm")
 
 
-__all__ = ["build_model", "DecodingCache", "KVCache", "SequenceModel", "Transformer", "DecoderLM", "LinearLM"]
+__all__ = ["build_model", "DecodingCache", "KVCache", "SequenceModel", "Transformer", "DiffusionTranslator", "DecoderLM", "LinearLM"]

@@ -130,8 +130,11 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(d, cfg.ffn, cfg.activation_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, memory_k, memory_v, memory_mask, *, cache=None, layer=0):
-        x = x + self.drop(self.self_attn(self.norm1(x), causal=True, cache=cache, layer=layer))
+    def forward(self, x, memory_k, memory_v, memory_mask, *, cache=None, layer=0, self_mask=None):
+        """Causal self-attention, or with `self_mask` (B, 1, 1, T) attention to every real position
+        (a denoiser reads the whole target at once)."""
+        causal = self_mask is None
+        x = x + self.drop(self.self_attn(self.norm1(x), mask=self_mask, causal=causal, cache=cache, layer=layer))
         x = x + self.drop(self.cross_attn(self.norm2(x), memory_k, memory_v, memory_mask))
         return x + self.drop(self.ffn(self.norm3(x)))
 
@@ -148,6 +151,8 @@ class SequenceModel(nn.Module):
     """
 
     reads_prompts = False
+    parallel_decoding = False  # True: decoded by mt.search.mask_predict, not left to right
+    exact_likelihood = True    # False: score_batch gives an upper bound on -log P (a diffusion model)
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()

@@ -132,9 +132,11 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3, s
 
 def bench_translate(translator, sources: list[str], *, beam_size: int, repeats: int = 3, sample: bool | None = None,
                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                    seed: int | None = None) -> dict:
-    """Decode `sources` `repeats` times after one warm-up batch; report the median run."""
-    options = dict(sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                    seed: int | None = None, steps: int | None = None, length_beam: int | None = None) -> dict:
+    """Decode `sources` `repeats` times after one warm-up batch; report the median run (steps,
+    length_beam: a diffusion model's passes and candidate lengths)."""
+    options = dict(sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, steps=steps,
+                   length_beam=length_beam)
     translator.translate_batch(sources[:32], beam_size=beam_size, **options)
     runs = []
     for _ in range(repeats):
@@ -145,8 +147,10 @@ def bench_translate(translator, sources: list[str], *, beam_size: int, repeats: 
         runs.append((time.perf_counter() - t, sum(len(h[0].tokens) + 1 for h in hyps if h)))
     dt, gen = sorted(runs)[len(runs) // 2]
     used = translator.options(beam_size=beam_size, **options)
+    search = ({"steps": used.steps, "length_beam": used.length_beam} if translator.model.parallel_decoding
+              else {"beam_size": beam_size})
     return {"device": str(translator.device), "threads": torch.get_num_threads(), "sentences": len(sources),
-            "beam_size": beam_size, "sample": used.sample, "top_k": used.top_k, "top_p": used.top_p, "seconds": dt,
+            **search, "sample": used.sample, "top_k": used.top_k, "top_p": used.top_p, "seconds": dt,
             "sentences_per_s": len(sources) / dt,
             "generated_tokens_per_s": gen / dt, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
@@ -191,23 +195,31 @@ def decode_step_bytes(model) -> int:
     return total
 
 
-def bench_latency(translator, sources: list[str], *, beam_size: int = 1, n: int = 100) -> dict:
-    """One sentence at a time (batch 1): milliseconds per generated token, against the memory-bandwidth
-    bound (weights read per step / measured main-memory copy bandwidth) and against the time to read the
-    step's weights at the rate a working set of their size streams (the stricter bound where the caches
-    hold them); encoding is included in the time."""
+def bench_latency(translator, sources: list[str], *, beam_size: int = 1, n: int = 100, steps: int | None = None,
+                  length_beam: int | None = None) -> dict:
+    """One sentence at a time (batch 1): milliseconds per sentence and per generated token, against the
+    memory-bandwidth bound (weights read per step / measured main-memory copy bandwidth) and against the
+    time to read the step's weights at the rate a working set of their size streams (the stricter bound
+    where the caches hold them); encoding is included in the time. Decoder passes per sentence: output
+    length + 1 left to right; a diffusion model's `steps` (its candidate lengths share each pass)."""
     sources = [s for s in sources if s.strip()][:n]
-    translator.translate_batch(sources[:3], beam_size=beam_size)  # warm-up
+    options = dict(steps=steps, length_beam=length_beam)
+    translator.translate_batch(sources[:3], beam_size=beam_size, **options)  # warm-up
     t, gen = time.perf_counter(), 0
     for s in sources:
-        hyps = translator.translate_batch([s], beam_size=beam_size)
+        hyps = translator.translate_batch([s], beam_size=beam_size, **options)
         gen += len(hyps[0][0].tokens) + 1
     dt = time.perf_counter() - t
+    used = translator.options(beam_size=beam_size, **options)
+    parallel = translator.model.parallel_decoding
+    search = {"steps": used.steps, "length_beam": used.length_beam} if parallel else {"beam_size": beam_size}
     step_bytes, bandwidth = decode_step_bytes(translator.model), memory_bandwidth()
     resident = read_bandwidth(step_bytes)  # the weights' own working set: from the cache if it fits
     bound_ms, resident_ms, ms = 1000 * step_bytes / bandwidth, 1000 * step_bytes / resident, 1000 * dt / gen
     return {"device": str(translator.device), "threads": torch.get_num_threads(), "sentences": len(sources),
-            "beam_size": beam_size, "ms_per_token": ms, "weights_mb_per_step": step_bytes / 2**20,
+            **search, "ms_per_sentence": 1000 * dt / len(sources), "ms_per_token": ms,
+            "decoder_passes_per_sentence": used.steps if parallel else gen / len(sources),
+            "weights_mb_per_step": step_bytes / 2**20,
             "memory_gb_per_s": bandwidth / 1e9, "bound_ms_per_token": bound_ms, "ratio_to_bound": ms / bound_ms,
             "weights_read_gb_per_s": resident / 1e9, "weights_read_bound_ms_per_token": resident_ms,
             "ratio_to_weights_read_bound": ms / resident_ms, "peak_rss_mb": peak_rss_mb()}

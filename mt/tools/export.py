@@ -56,7 +56,7 @@ def build_spec(model, pieces: list[str]):
     from mt.models import DecoderLM, Transformer
 
     cfg = model.cfg
-    if not isinstance(model, (DecoderLM, Transformer)):
+    if not isinstance(model, (DecoderLM, Transformer)) or model.parallel_decoding:
         raise MTError(f"model.arch {cfg.arch} ({type(model).__name__}) has no CTranslate2 counterpart; "
                       "transformer, decoder_only and prefix_lm runs export")
     positions = _numpy(model.positions)
