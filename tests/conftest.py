@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MULTI30K = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
 
 
-SLOW_FIXTURES = {"trained_run", "multi30k_dir"}  # a training or a pass over real data
+SLOW_FIXTURES = {"trained_run", "multi30k_dir", "diffusion_run"}  # a training or a pass over real data
 
 
 def pytest_collection_modifyitems(items):

@@ -261,6 +261,7 @@ def diffusion_run(tiny_corpus, tmp_path_factory):
     return train_diffusion(tmp_path_factory.mktemp("diffusion") / "run", tiny_corpus)
 
 
+@pytest.mark.slow
 def test_resumed_diffusion_training_equals_the_uninterrupted_one(tiny_corpus, tmp_path):
     from safetensors.torch import load_file
 

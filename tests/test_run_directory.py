@@ -20,6 +20,7 @@ from mt.tokenizer import Tokenizer
 from test_reliability import assert_one_line_error, saved_step
 
 RECIPE = str(REPO / "recipes/tiny.yaml")
+pytestmark = pytest.mark.slow  # each test trains (seconds, on a small random corpus)
 
 
 def train_args(out, corpus, *sets, flags=()):
