@@ -103,7 +103,7 @@ def test_average_command(tmp_path, multi30k_dir):
 def test_subword_regularisation_resamples_per_epoch(tmp_path, multi30k_dir):
     from accelerate import Accelerator
 
-    from mt.train import load_data
+    from mt.train_data import load_data
 
     cfg = config.load(REPO / "recipes/tiny.yaml", [f"data.train={multi30k_dir / 'train'}", "data.valid=",
                                                    "data.spm_alpha=0.3", "data.max_sentences=300"])

@@ -49,8 +49,12 @@ def stratified_counts(lengths: torch.Tensor, u: torch.Tensor | float) -> torch.T
     """Per row a number of tokens to mask, uniform in 1 .. L (0 for an empty row), stratified across
     the rows: k = 1 + floor(L g) for g = (u + i/n) mod 1."""
     n = len(lengths)
-    g = (torch.as_tensor(u, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) / n) % 1.0
-    k = 1 + torch.floor(g * lengths.double().cpu()).long()
+    return counts_at(lengths, (torch.as_tensor(u, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) / n) % 1.0)
+
+
+def counts_at(lengths: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """k = 1 + floor(L g) for uniforms g in [0, 1): uniform in 1 .. L (0 for an empty row)."""
+    k = 1 + torch.floor(g.double() * lengths.double().cpu()).long()
     return torch.minimum(k, lengths.cpu()).to(lengths.device)
 
 
@@ -181,8 +185,7 @@ class DiffusionTranslator(Transformer):
                 z, masked = self.corrupt(y, t, uniforms)
                 weight = 1 / t
             else:
-                k = 1 + torch.floor(grid * lengths.double().cpu()).long()
-                k = torch.minimum(k, lengths.cpu()).to(y.device)
+                k = counts_at(lengths, grid)
                 masked = mask_of_size(y != PAD, k, uniforms)
                 z = y.masked_fill(masked, self.mask_id)
                 weight = lengths / k.clamp(min=1)

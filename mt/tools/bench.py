@@ -79,7 +79,8 @@ def bench_train(cfg: Config, *, steps: int, warmup: int = 3, repeats: int = 3, s
     """Time `steps` updates after `warmup`, `repeats` times; report the median window. synthetic > 0:
     random sentences of about that many tokens over data.vocab_size ids instead of the recipe's corpus."""
     from mt.schedule import lr_at
-    from mt.train import build_training, load_data, new_accelerator, update
+    from mt.train import build_training, new_accelerator, update
+    from mt.train_data import load_data
 
     accelerator = new_accelerator(cfg)
     if synthetic:
