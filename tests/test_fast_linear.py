@@ -76,6 +76,21 @@ def test_packed_copy_follows_weight_updates():
     assert _close(loaded, x.sum(1, keepdim=True).expand(2, 8))
 
 
+def test_validation_after_a_fused_optimizer_step_sees_the_new_weights():
+    """Fused AdamW writes the weights without bumping their version: the cache must not go stale
+    across validation rounds of a training (model.eval() / model.train() around each)."""
+    layer, x = packed(16, 8), torch.randn(4, 16)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        layer.eval()
+        with torch.no_grad():
+            assert _close(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.train()
+        layer(x).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def test_training_path_is_f_linear_with_gradients():
     layer, x = packed(16, 8), torch.randn(4, 16, requires_grad=True)
     y = layer(x)

@@ -78,6 +78,13 @@ class PackedLinear(nn.Linear):
         new.bias = copy.deepcopy(self.bias, memo)
         return new
 
+    def train(self, mode: bool = True) -> "PackedLinear":
+        # a fused optimizer (torch.optim.AdamW(fused=True)) updates weights without bumping their
+        # version, so the copies are also dropped whenever the mode changes: validation during
+        # training (model.eval()) always packs the current weights
+        self.key, self.packed, self.transposed = None, None, None
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", min_rows={self.min_rows}"
 
