@@ -20,6 +20,8 @@ from mt.errors import MTError
 SCHEDULES = ("inverse_sqrt", "cosine", "linear")
 ARCHS = ("transformer", "diffusion", "prefix_lm", "decoder_only", "linear")
 LM_ARCHS = ("decoder_only", "linear")   # model P(x) of monolingual text; the others model P(y | x)
+MIXERS = ("softmax", "sliding_window", "linear", "ssm")  # a decoder-only layer's token mixer
+POSITIONS = ("sinusoidal", "rotary", "none")
 
 
 @dataclass
@@ -41,7 +43,8 @@ class DataConfig:
     max_len: int = 250                  # drop training pairs with more tokens than this on either side
     max_len_ratio: float = 3.0          # drop training pairs whose token-length ratio exceeds this
     vocab_size: int = 8000              # joint SentencePiece vocabulary size
-    spm_model_type: str = "bpe"         # "bpe" or "unigram"
+    spm_model_type: str = "bpe"         # "bpe", "unigram" or "char" (one piece per character, text kept
+                                        # exactly: every character and space; vocab_size is then a cap)
     spm_character_coverage: float = 1.0  # share of characters SentencePiece must cover
     spm_max_sentences: int = 2_000_000  # sample at most this many sentences to train SentencePiece
     spm_alpha: float = 0.0              # subword regularisation: re-segment the training data every epoch,
@@ -64,6 +67,14 @@ class ModelConfig:
     activation_dropout: float = 0.0     # dropout on the FFN hidden units
     max_positions: int = 1024           # longest sequence the sinusoidal table covers
     tie_embeddings: bool = True         # share source/target/output embeddings (joint vocabulary)
+    mixer: str = "softmax"              # decoder_only: softmax (full causal attention), sliding_window,
+                                        # linear (kernelised linear attention) or ssm (selective state space)
+    window: int = 128                   # sliding_window: positions each query sees (itself included)
+    linear_gate: bool = False           # linear: a learned per-head decay gate on the state
+    state_size: int = 0                 # ssm: state width N per head (0: d_model / 2, ~attention's params)
+    chunk: int = 64                     # linear / ssm: chunk length of the training-time parallel scan
+    positions: str = "sinusoidal"       # sinusoidal (added to embeddings), rotary (queries and keys of
+                                        # softmax / sliding_window attention; decoder_only) or none
 
     @property
     def language_model(self) -> bool:
@@ -167,7 +178,8 @@ RANGES = {
     "model.d_model": Range(1, 2**16), "model.heads": Range(1, 2**12), "model.ffn": Range(1, 2**20),
     "model.dropout": Range(0, 1, high_open=True), "model.attn_dropout": Range(0, 1, high_open=True),
     "model.activation_dropout": Range(0, 1, high_open=True),
-    "model.max_positions": Range(4, 2**20),
+    "model.max_positions": Range(4, 2**20), "model.window": Range(1, 2**20),
+    "model.state_size": Range(0, 2**16), "model.chunk": Range(1, 4096),
     "train.seed": Range(0, 2**32 - 1), "train.batch_tokens": Range(1, 2**32), "train.accum_steps": Range(1, 2**16),
     "train.lr": Range(0, 10), "train.warmup_steps": Range(0, BIG), "train.lr_end": Range(0, 10),
     "train.betas": Range(0, 1, high_open=True), "train.weight_decay": Range(0, 1e3),
@@ -308,8 +320,21 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise MTError(f"{source}: data.pack applies to language models (model.arch decoder_only or linear)")
     if m.d_model % m.heads:
         raise MTError(f"{source}: model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})")
-    if d.spm_model_type not in ("bpe", "unigram"):
-        raise MTError(f"{source}: data.spm_model_type must be 'bpe' or 'unigram', got {d.spm_model_type!r}")
+    if d.spm_model_type not in ("bpe", "unigram", "char"):
+        raise MTError(f"{source}: data.spm_model_type must be 'bpe', 'unigram' or 'char', got {d.spm_model_type!r}")
+    if m.mixer not in MIXERS:
+        raise MTError(f"{source}: model.mixer must be one of {', '.join(MIXERS)}, got {m.mixer!r}")
+    if m.positions not in POSITIONS:
+        raise MTError(f"{source}: model.positions must be one of {', '.join(POSITIONS)}, got {m.positions!r}")
+    if m.mixer != "softmax" and m.arch != "decoder_only":
+        raise MTError(f"{source}: model.mixer {m.mixer} applies to model.arch decoder_only (got {m.arch})")
+    if m.positions != "sinusoidal" and m.arch != "decoder_only":
+        raise MTError(f"{source}: model.positions {m.positions} applies to model.arch decoder_only (got {m.arch})")
+    if m.positions == "rotary" and m.mixer not in ("softmax", "sliding_window"):
+        raise MTError(f"{source}: model.positions rotary applies to softmax and sliding_window attention, "
+                      f"not model.mixer {m.mixer} (use sinusoidal or none)")
+    if m.positions == "rotary" and (m.d_model // m.heads) % 2:
+        raise MTError(f"{source}: model.positions rotary needs an even head width (d_model / heads = {m.d_model // m.heads})")
     if t.precision not in ("no", "bf16", "fp16"):
         raise MTError(f"{source}: train.precision must be 'no', 'bf16' or 'fp16', got {t.precision!r}")
     if t.best_metric not in ("bleu", "loss"):

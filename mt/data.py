@@ -179,13 +179,14 @@ def _encode(tok: Tokenizer, texts: list[str], alpha: float, seed: int) -> list[l
 
 
 def encode_mono(tok: Tokenizer, texts: list[str], *, max_len: int = 0, chunk: int = 100_000,
-                alpha: float = 0.0, seed: int = 0) -> ParallelData:
-    """Language-model data: empty sources, one target sentence per non-empty text line.
+                alpha: float = 0.0, seed: int = 0, keep_empty: bool = False) -> ParallelData:
+    """Language-model data: empty sources, one target sentence per non-empty text line (every line
+    with keep_empty: a stream to pack, where an empty line is one more EOS, a blank line kept).
     alpha > 0 samples segmentations (subword regularisation) from `seed`."""
     arrays = []
     for start in range(0, len(texts), chunk):
         ids = [t for t in _encode(tok, texts[start:start + chunk], alpha, seed + start)
-               if t and (not max_len or len(t) <= max_len)]
+               if (t or keep_empty) and (not max_len or len(t) <= max_len)]
         arrays.append(TokenArray.from_lists(ids))
     tgt = _concat(arrays)
     return ParallelData(TokenArray(np.zeros(0, np.int32), np.zeros(len(tgt) + 1, np.int64)), tgt)

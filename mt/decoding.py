@@ -44,20 +44,23 @@ def encode_sources(tokenizer: Tokenizer, texts: list[str], *, model, line_number
 
 
 def decode_ids(model, src_ids: dict[int, list[int]], count: int, *, options: DecodeConfig, device,
-               num_hypotheses: int = 1, ids=None, one_at_a_time: bool = False) -> list[list[Hypothesis]]:
+               num_hypotheses: int = 1, ids=None, one_at_a_time: bool = False,
+               stop_at_eos: bool = True) -> list[list[Hypothesis]]:
     """Hypotheses for each of `count` inputs, best first (an empty list where src_ids has no entry).
 
     Search: beam search (options.beam_size > 1, the `num_hypotheses` best), greedy search, or with
     options.sample `num_hypotheses` draws per input, draw j of input i keyed by (seed, ids[i] *
     num_hypotheses + j) (`ids`: sentence numbers, default 0 .. count-1), so draws do not depend on
     the batching. one_at_a_time: batches of one sentence (the batch-1 compiled step).
+    stop_at_eos=False (greedy search, sampling): EOS is a line break and every output runs its length.
     """
     ids = list(range(count)) if ids is None else list(ids)
     if options.sample and num_hypotheses > 1:  # every draw is a row of its own
         n = num_hypotheses
         rows = {i * n + j: src_ids[i] for i in src_ids for j in range(n)}
         draws = decode_ids(model, rows, count * n, options=options, device=device,
-                           ids=[ids[r // n] * n + r % n for r in range(count * n)], one_at_a_time=one_at_a_time)
+                           ids=[ids[r // n] * n + r % n for r in range(count * n)], one_at_a_time=one_at_a_time,
+                           stop_at_eos=stop_at_eos)
         return [[h for j in range(n) for h in draws[i * n + j]] for i in range(count)]
     out: list[list[Hypothesis]] = [[] for _ in range(count)]
     width = options.length_beam if model.parallel_decoding else 1 if options.sample else options.beam_size
@@ -74,7 +77,8 @@ def decode_ids(model, src_ids: dict[int, list[int]], count: int, *, options: Dec
         elif width == 1:
             res = [[h] for h in generate(model, src, max_lens, sample=options.sample, ids=[ids[i] for i in batch],
                                          seed=options.seed, temperature=options.temperature, top_k=options.top_k,
-                                         top_p=options.top_p, length_penalty=options.length_penalty)]
+                                         top_p=options.top_p, length_penalty=options.length_penalty,
+                                         stop_at_eos=stop_at_eos)]
         else:
             res = beam_search(model, src, max_lens, beam_size=width, length_penalty=options.length_penalty,
                               nbest=num_hypotheses)

@@ -92,9 +92,15 @@ def bound_data(model, data: ParallelData, *, batch_tokens: int, device, samples:
     return out
 
 
-def perplexities(scores: list[PairScore]) -> dict:
+def perplexities(scores: list[PairScore], texts: list[str] | None = None) -> dict:
     """Per-token exp(total NLL / tokens), and per-sentence: the geometric mean over M sentences of
-    Q(x^m)^(-1/M) = exp(-(1/M) sum_m log Q(x^m)); over the scored pairs (`not_scored` counts the rest)."""
+    Q(x^m)^(-1/M) = exp(-(1/M) sum_m log Q(x^m)); over the scored pairs (`not_scored` counts the rest).
+    With the scored `texts`: NLL per character too (a line's EOS counts as its newline), which
+    compares models whatever their tokenizers."""
+    if texts is not None:
+        chars = sum(len(t) + 1 for t, s in zip(texts, scores) if s.scored)
+        per_char = {"characters": chars, "nll_per_char": -sum(s.logprob for s in scores if s.scored) / max(chars, 1)}
+        return {**perplexities(scores), **per_char}
     scored = [s for s in scores if s.scored]
     total_lp = sum(s.logprob for s in scored)
     total_tok = sum(s.tokens for s in scored)

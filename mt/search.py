@@ -70,11 +70,12 @@ def sample_tokens(logprobs, *, ids, step, seed, temperature, top_k, top_p):
 @torch.inference_mode()
 def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int = 0,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             length_penalty: float = 0.0) -> list[Hypothesis]:
+             length_penalty: float = 0.0, stop_at_eos: bool = True) -> list[Hypothesis]:
     """Greedy decoding (sample=False) or ancestral sampling, batched on the cache.
 
     src (B, S); max_lens (B,) longest output per sentence before EOS is forced; ids (B,) sentence ids
-    that key the sampling random numbers (default 0..B-1).
+    that key the sampling random numbers (default 0..B-1). stop_at_eos=False: EOS is one more token
+    (a line break of a packed document model) and every row runs to its max_lens.
     """
     B = src.shape[0]
     max_lens = max_lens.to(torch.long)
@@ -93,10 +94,11 @@ def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int 
                                 top_k=top_k, top_p=top_p)
         else:
             nxt = lp.argmax(-1)
-        nxt = torch.where(max_lens[alive] <= t, torch.full_like(nxt, EOS), nxt)
+        last = max_lens[alive] <= t
+        nxt = torch.where(last, torch.full_like(nxt, EOS), nxt)
         out_tok[alive, t] = nxt
         out_lp[alive, t] = lp.gather(1, nxt[:, None]).squeeze(1)
-        done = nxt == EOS
+        done = (nxt == EOS) if stop_at_eos else last
         if done.any():
             lengths[alive[done]] = t + 1
             if done.all():

@@ -37,8 +37,12 @@ def train_tokenizer(sentences: Iterable[str], path: str | Path, *, vocab_size: i
     if not sample:
         raise MTError("cannot train a tokenizer: the training corpus is empty")
     model = io.BytesIO()
+    # char: one piece per character and the text kept exactly (no normalisation, every space), so a
+    # character model's tokens are the text's characters; vocab_size is then an upper bound
+    exact = dict(hard_vocab_limit=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                 add_dummy_prefix=False) if model_type == "char" else {}
     try:
-        spm.SentencePieceTrainer.train(
+        spm.SentencePieceTrainer.train(**exact,
             sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, character_coverage=character_coverage,
             pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,

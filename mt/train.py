@@ -252,9 +252,10 @@ def _train_in(run: Path, cfg: Config, accelerator: Accelerator, *, resume: bool,
         else:
             progress.stale += 1
         log({"step": progress.step, **scores})
+        extra = "".join(f" {label} {scores[key]:{fmt}}" for key, label, fmt in (
+            ("valid_loss_per_char", "per char", ".4f"), ("valid_bleu", "greedy BLEU", ".2f")) if key in scores)
         accelerator.print(f"mt: step {progress.step} valid loss {scores['valid_loss']:.3f} "
-                          f"ppl {scores['valid_ppl']:.2f}" + (f" greedy BLEU {scores['valid_bleu']:.2f}"
-                                                              if "valid_bleu" in scores else ""), file=sys.stderr)
+                          f"ppl {scores['valid_ppl']:.2f}{extra}", file=sys.stderr)
         accelerator.wait_for_everyone()
 
     def out_of_budget() -> bool:

@@ -53,7 +53,7 @@ def load_data(cfg: Config, run: Path, accelerator: Accelerator):
 
     def encode(src_text, tgt_text, max_len=0, max_ratio=0.0, **sampling):
         if lm:
-            d = data_mod.encode_mono(tok, tgt_text, max_len=max_len, **sampling)
+            d = data_mod.encode_mono(tok, tgt_text, max_len=max_len, keep_empty=cfg.data.pack, **sampling)
             return data_mod.pack(d, cfg.data.context) if cfg.data.pack else d
         return data_mod.encode_parallel(tok, src_text, tgt_text, max_len=max_len, max_ratio=max_ratio, **sampling)
 

@@ -26,7 +26,7 @@ from mt.ensemble import Ensemble
 from mt.errors import MTError
 from mt.scoring import NOT_SCORED, PairScore, score_ids
 from mt.search import Hypothesis
-from mt.tokenizer import Tokenizer
+from mt.tokenizer import EOS, Tokenizer
 
 
 @dataclass
@@ -127,15 +127,29 @@ class Translator:
 
     def generate_batch(self, prompts: list[str], *, num_samples: int = 4, temperature: float | None = None,
                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                       max_len_a: float | None = None, max_len_b: int | None = None) -> list[list[str]]:
+                       max_len_a: float | None = None, max_len_b: int | None = None,
+                       document: bool = False) -> list[list[str]]:
         """`num_samples` ancestral samples per prompt (temperature, then top-k, then nucleus top-p):
-        for a language model the prompt and its continuation, for a translation model translations."""
+        for a language model the prompt and its continuation, for a translation model translations.
+        document: a language model trained on a packed stream (data.pack) writes past its EOS, which
+        is a line break there; a sample is then several lines, joined by newlines."""
+        if document and not (self.model.reads_prompts and self.cfg.data.pack):
+            raise MTError("--document needs a language model trained with data.pack (its EOS is a line break)")
         options = self.options(sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                max_len_a=max_len_a, max_len_b=max_len_b)
-        src_ids, hyps = self._decode(prompts, options, num_samples, None)
+        src_ids, hyps = self._decode(prompts, options, num_samples, None, stop_at_eos=not document)
         # a language model's sample is the prompt and its continuation, decoded together
         prefix = (lambda i: src_ids.get(i, [])) if self.model.reads_prompts else (lambda i: [])
-        return [self.tokenizer.decode([prefix(i) + h.tokens for h in hs]) for i, hs in enumerate(hyps)]
+        return [[self._text(prefix(i) + h.tokens) for h in hs] for i, hs in enumerate(hyps)]
+
+    def _text(self, ids: list[int]) -> str:
+        """Text of ids; EOS inside them (a document sample) is a line break."""
+        lines, start = [], 0
+        for j, t in enumerate(ids + [EOS]):
+            if t == EOS:
+                lines.append(ids[start:j])
+                start = j + 1
+        return "\n".join(self.tokenizer.decode(lines))
 
     def score_batch(self, sources: list[str], targets: list[str], *, samples: int | None = None,
                     steps: int = 0) -> list[PairScore]:
@@ -195,7 +209,7 @@ class Translator:
         return options
 
     def _decode(self, sources: list[str], options: DecodeConfig, num_hypotheses: int,
-                line_numbers) -> tuple[dict[int, list[int]], list[list[Hypothesis]]]:
+                line_numbers, *, stop_at_eos: bool = True) -> tuple[dict[int, list[int]], list[list[Hypothesis]]]:
         """The inputs' ids (mt.decoding.encode_sources) and each input's hypotheses."""
         src_ids = encode_sources(self.tokenizer, sources, model=self.model, line_numbers=line_numbers, warn=warn)
         one_at_a_time = self._one_at_a_time(options, num_hypotheses)
@@ -204,7 +218,7 @@ class Translator:
             self._told_beam_is_eager = True
         return src_ids, decode_ids(self.decoder if one_at_a_time else self.model, src_ids, len(sources),
                                    options=options, device=self.device, num_hypotheses=num_hypotheses,
-                                   ids=line_numbers, one_at_a_time=one_at_a_time)
+                                   ids=line_numbers, one_at_a_time=one_at_a_time, stop_at_eos=stop_at_eos)
 
 
 def warn(msg: str) -> None:

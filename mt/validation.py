@@ -29,6 +29,12 @@ def selection_metric(scores: dict, cfg: Config) -> float:
     return -scores["valid_loss"]
 
 
+def text_characters(lines: list[str], *, packed: bool) -> int:
+    """Characters a language model's validation NLL covers: every line and its newline (its EOS);
+    unpacked, the empty lines are not sentences and are skipped."""
+    return max(sum(len(t) + 1 for t in lines if t or packed), 1)
+
+
 @torch.no_grad()
 def validate(model, tokenizer, valid, cfg: Config, device) -> dict:
     """Per-token loss (NLL of the decoding distribution; a diffusion model's NELBO, an upper bound)
@@ -45,6 +51,8 @@ def validate(model, tokenizer, valid, cfg: Config, device) -> dict:
         nll_sum -= float(tok_lp.sum())
         ntok += int(mask.sum())
     scores = {"valid_loss": nll_sum / ntok, "valid_ppl": perplexity(nll_sum, ntok)}
+    if cfg.model.language_model:  # per character (each line's newline included): comparable across tokenizers
+        scores["valid_loss_per_char"] = nll_sum / text_characters(ref_text, packed=cfg.data.pack)
     if not cfg.model.language_model:
         src_ids = encode_sources(tokenizer, src_text, model=model)
         hyps = decode_ids(model, src_ids, len(src_text), options=replace(cfg.decode, beam_size=1, sample=False),

@@ -124,3 +124,41 @@ def random_run(tmp_path_factory, tiny_corpus) -> Path:
     save_weights(Transformer(cfg.model, len(tok)), run / "model.safetensors")
     save_config(cfg, run, vocab_size=len(tok))
     return run
+
+
+SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt.gz"
+SLOW_FIXTURES |= {"shakespeare_dir"}
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir(tmp_path_factory) -> Path:
+    """Tiny Shakespeare split by `mt data tinyshakespeare --from` the read-only copy in ../shared."""
+    if not SHARED_SHAKESPEARE.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {SHARED_SHAKESPEARE}")
+    out = tmp_path_factory.mktemp("data") / "tinyshakespeare"
+    proc = subprocess.run([sys.executable, "-m", "mt.cli", "data", "tinyshakespeare", "--from", str(SHARED_SHAKESPEARE),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def char_lm_cmd(data_dir: Path, out: Path, *sets: str, resume: bool = False) -> list[str]:
+    """A small character LM of recipes/shakespeare.yaml (one thread, a slice of the text, seconds)."""
+    sets = [f"train.out_dir={out}", f"data.train={data_dir / 'train.txt'}", f"data.valid={data_dir / 'valid.txt'}",
+            "data.max_sentences=3000", "data.max_valid_sentences=300", "data.context=64", "model.dec_layers=1",
+            "model.d_model=32", "model.heads=2", "model.ffn=64", "model.max_positions=512", "model.chunk=16",
+            "train.batch_tokens=520", "train.max_minutes=0", "train.max_steps=30", "train.schedule=inverse_sqrt",
+            "train.warmup_steps=10", "train.valid_every=15", "train.save_every=15", "train.log_every=1",
+            "train.progress=false", "train.threads=1", *sets]
+    return ([sys.executable, "-m", "mt.cli", "train", str(REPO / "recipes/shakespeare.yaml")]
+            + [a for s in sets for a in ("--set", s)] + (["--resume"] if resume else []))
+
+
+@pytest.fixture(scope="session")
+def char_lm_run(shakespeare_dir, tmp_path_factory) -> Path:
+    """A small state-space character LM trained once through the CLI; returns the run dir."""
+    out = tmp_path_factory.mktemp("runs") / "char-ssm"
+    proc = subprocess.run(char_lm_cmd(shakespeare_dir, out, "model.mixer=ssm", "model.positions=none"),
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

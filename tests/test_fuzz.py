@@ -81,3 +81,18 @@ def test_translate_random_bytes_keeps_line_count(trained_run):
     check()
     print(f"\nfuzz: {len(ran)} byte strings translated without a failure")
     assert len(ran) >= 1000
+
+
+def test_a_state_space_lm_continues_nasty_prompts_one_line_each(char_lm_run, tmp_path):
+    """The same contract for a decoder-only model with a fixed-size state (prompts of every shape
+    through the padded prefill), `mt translate` continuing each line and `mt score --text` scoring it."""
+    data = b"\n".join(NASTY)
+    result = invoke("translate", "-m", char_lm_run, "--greedy", "--max-len-b", "20", input=data)
+    assert result.exit_code == 0, result.output
+    out = output_lines(result.stdout)
+    assert len(out) == input_lines(data) == len(NASTY)
+    assert not any(line.startswith("mt:") for line in out)
+    (tmp_path / "nasty.txt").write_bytes(data)
+    result = invoke("score", "-m", char_lm_run, "--text", tmp_path / "nasty.txt", input=b"")
+    assert result.exit_code == 0, result.output
+    assert len(output_lines(result.stdout)) == len(NASTY)

@@ -118,6 +118,17 @@ def data_multi30k(out, source_dir):
         click.echo(str(path))
 
 
+
+@data.command("tinyshakespeare")
+@click.option("--out", "out", default="data/tinyshakespeare", show_default=True, help="Output folder.")
+@click.option("--from", "source", default=None, help="Read this local input.txt(.gz) instead of downloading.")
+def data_tinyshakespeare(out, source):
+    """Tiny Shakespeare: train.txt (first 90% of the characters) and valid.txt (last 10%)."""
+    from mt.tools.download import tinyshakespeare
+
+    for path in tinyshakespeare(out, source=source):
+        click.echo(str(path))
+
 # --- train ------------------------------------------------------------------------------------
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))

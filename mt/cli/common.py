@@ -148,4 +148,6 @@ def format_ppl(v: dict) -> str:
     le = "<= " if v.get("bound") else ""
     what = "NELBO" if v.get("bound") else "NLL"
     return (f"perplexity per token {le}{v['ppl_per_token']:.3f} ({what} {v['nll_per_token']:.4f} over {v['tokens']} "
-            f"tokens), per sentence {le}{v['ppl_per_sentence']:.4g} ({v['sentences']} sentences{skipped})")
+            f"tokens), per sentence {le}{v['ppl_per_sentence']:.4g} ({v['sentences']} sentences{skipped})"
+            + (f"; {what} per character {le}{v['nll_per_char']:.4f} ({v['characters']} characters)"
+               if "nll_per_char" in v else ""))

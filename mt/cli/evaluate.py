@@ -108,7 +108,7 @@ def evaluate(bleu, chrf, lc_tok, lang, ppl, hyp, ref, text, src, run, beam_size,
             raise MTError("--text needs -m RUN")
         texts = read_text(text)
         t = load_translator(run, weights, device, batch_tokens, quantize, batch_sentences, aot)
-        result = perplexities(t.score_batch([""] * len(texts), texts))
+        result = perplexities(t.score_batch([""] * len(texts), texts), texts)
         click.echo(json.dumps({"ppl": result}) if as_json else format_ppl(result))
         return
     if hyp is None and run is None:
@@ -142,7 +142,7 @@ def evaluate(bleu, chrf, lc_tok, lang, ppl, hyp, ref, text, src, run, beam_size,
             lang = lang or (t.cfg.data.tgt_lang if t is not None else suffix if len(suffix) == 2 else "en")
             results["bleu_lc_tok"] = lc_tok_bleu(hyps, refs, lang)
     if ppl:
-        results["ppl"] = perplexities(t.score_batch(sources, refs))
+        results["ppl"] = perplexities(t.score_batch(sources, refs), refs)
     if as_json:
         click.echo(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "text"} for k, v in results.items()}))
         return

@@ -57,15 +57,19 @@ def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, step
 @click.option("--top-p", type=Bounded(float, "decode.top_p"), default=1.0, help="Nucleus mass (1: all).")
 @click.option("--seed", type=Bounded(int, "decode.seed"), default=0, show_default=True)
 @click.option("--max-len", type=Bounded(int, Range(1, 2**20)), default=None, help="Most tokens generated.")
+@click.option("--document", is_flag=True, help="A language model trained on a packed stream: write through "
+                                               "line breaks (its EOS) to --max-len tokens; a sample is a block "
+                                               "of lines after a '==> prompt I sample J <==' line.")
 @click.option("--checkpoint", "weights", type=click.Choice(["model", "last", "averaged"]), default="model")
 @click.option("--device", default=None)
-def sample(run, num, prompt, temperature, top_k, top_p, seed, max_len, weights, device):
+def sample(run, num, prompt, temperature, top_k, top_p, seed, max_len, document, weights, device):
     """Draw samples, one per line (prompt + continuation for a language model)."""
     t = load_translator(run, weights, device)
     prompts = list(stdin_lines()) if prompt == "-" else [prompt]
     lengths = dict(max_len_a=0.0, max_len_b=max_len) if max_len else {}
     draws = t.generate_batch(prompts, num_samples=num, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                             **lengths)
-    for samples in draws:
-        for s in samples:
-            click.echo(one_line(s))
+                             document=document, **lengths)
+    for i, samples in enumerate(draws, 1):
+        for j, s in enumerate(samples, 1):
+            # a document sample has line breaks (blank lines too): each comes after a header, as `head` does
+            click.echo(f"==> prompt {i} sample {j} <==\n{s}" if document else one_line(s))

@@ -127,3 +127,40 @@ def cached_mask(key_mask, start: int, T: int, device):
     diag = torch.zeros(T, start + T, dtype=torch.bool, device=device)
     diag[:, start:] = torch.eye(T, dtype=torch.bool, device=device)
     return (causal & key_mask) | diag
+
+
+class StateCache:
+    """Decoding state of a decoder-only model whose layers keep a fixed-size state instead of every
+    key and value: a sliding window's W-slot ring, linear attention's (S, z), a state-space layer's h
+    and convolution inputs. layers: one dict of tensors per layer, batch first.
+
+    pos (B,): each row's next position (its real tokens so far); pending (B,) or None: the prompt's
+    last token, fed first. While the prefix is read, `real` (B, S) marks its non-pad tokens (layers
+    skip the pads); it is None afterwards, when the model feeds one token a step.
+    """
+
+    def __init__(self, layers: list[dict], pos: torch.Tensor, pending=None):
+        self.layers, self.pos, self.pending = layers, pos, pending
+        self.real = None
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.pos[:, None]  # (B, 1): one token a step
+
+    def nbytes(self) -> int:
+        """Memory the state holds (it does not grow with the generated length)."""
+        return sum(t.numel() * t.element_size() for state in self.layers for t in state.values())
+
+    def advance(self, n: int) -> None:
+        self.pos = self.pos + n
+
+    def _map(self, f) -> None:
+        self.layers = [{name: f(t) for name, t in state.items()} for state in self.layers]
+        self.pos = f(self.pos)
+        if self.pending is not None:
+            self.pending = f(self.pending)
+
+    def expand(self, k: int) -> None:
+        self._map(lambda t: t.repeat_interleave(k, 0))
+
+    def reorder(self, new_order: torch.Tensor) -> None:
+        self._map(lambda t: t[new_order])

@@ -20,9 +20,24 @@ import torch
 import torch.nn as nn
 
 from mt.config import ModelConfig
-from mt.models.cache import KVCache
-from mt.models.layers import EncoderLayer, SequenceModel, sinusoids, tied_output
+from mt.models.cache import KVCache, StateCache
+from mt.models.layers import EncoderLayer, SelfAttention, SequenceModel, sinusoids, tied_output
+from mt.models.linear_attention import LinearAttention
+from mt.models.sliding_window import SlidingWindowAttention
+from mt.models.ssm import StateSpaceMixer
 from mt.tokenizer import BOS, PAD
+
+
+def make_mixer(cfg: ModelConfig) -> nn.Module:
+    """The token mixer model.mixer names, for one decoder-only layer."""
+    d, h, rotary = cfg.d_model, cfg.heads, cfg.positions == "rotary"
+    if cfg.mixer == "sliding_window":
+        return SlidingWindowAttention(d, h, cfg.attn_dropout, cfg.window, rotary)
+    if cfg.mixer == "linear":
+        return LinearAttention(d, h, gated=cfg.linear_gate, chunk=cfg.chunk)
+    if cfg.mixer == "ssm":
+        return StateSpaceMixer(d, h, state_size=cfg.state_size, chunk=cfg.chunk)
+    return SelfAttention(d, h, cfg.attn_dropout, rotary)
 
 
 class LMCache(KVCache):
@@ -74,7 +89,7 @@ class DecoderLM(SequenceModel):
         self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)
         self.register_buffer("positions", sinusoids(cfg.max_positions, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))  # used causally
+        self.layers = nn.ModuleList(EncoderLayer(cfg, make_mixer(cfg)) for _ in range(cfg.dec_layers))  # causal
         self.norm = nn.LayerNorm(cfg.d_model)
         self.output = tied_output(self.embed)
         self.init_weights()
@@ -91,9 +106,12 @@ class DecoderLM(SequenceModel):
         return self.cfg.max_positions - 1 - (source_length + 1 if self.prefix_lm else 0)
 
     def _run(self, ids, pos, *, mask=None, causal=False, cache=None):
-        x = self.drop(self.embed(ids) * math.sqrt(self.cfg.d_model) + self.positions[pos])
+        x = self.embed(ids) * math.sqrt(self.cfg.d_model)
+        if self.cfg.positions == "sinusoidal":  # rotary turns queries and keys inside the layers instead
+            x = x + self.positions[pos]
+        x = self.drop(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, causal=causal, cache=cache, layer=i)
+            x = layer(x, mask=mask, causal=causal, cache=cache, layer=i, pos=pos)
         return self.norm(x)
 
     def forward(self, src, tgt_in, tgt_out=None):
@@ -112,12 +130,14 @@ class DecoderLM(SequenceModel):
             hidden = hidden[tgt_out != PAD]
         return self.logits(hidden)
 
-    def new_cache(self, src, max_len: int) -> LMCache:
+    def new_cache(self, src, max_len: int) -> LMCache | StateCache:
         """Fill the cache with one forward pass over the prefix (source, or BOS + prompt)."""
         if self.prefix_lm:
             prefix, pending = src, None
         else:
             prefix, pending = split_prompt(src)
+        if self.cfg.mixer != "softmax":
+            return self._new_state_cache(prefix, pending)
         B, S = prefix.shape
         H = self.cfg.heads
         shape = (B, H, S + max_len, self.cfg.d_model // H)
@@ -133,7 +153,20 @@ class DecoderLM(SequenceModel):
             KVCache.advance(cache, S)  # the prefix fills S columns; cache.pos already counts its real tokens
         return cache
 
-    def step(self, tokens, cache: LMCache):
+    def _new_state_cache(self, prefix, pending) -> StateCache:
+        """Fixed-size per-layer states, filled by one pass over the right-padded prefix."""
+        B, S = prefix.shape
+        real = prefix != PAD
+        dtype = self.embed.weight.dtype
+        cache = StateCache([layer.attn.new_state(B, prefix.device, dtype) for layer in self.layers],
+                           real.sum(1), pending)
+        if S:
+            cache.real = real
+            self._run(prefix, (real.cumsum(1) - 1).clamp(min=0), cache=cache)
+            cache.real = None
+        return cache
+
+    def step(self, tokens, cache: LMCache | StateCache):
         """Feed one token per row (the pending prompt token first); log-probs of the next (B, V)."""
         if cache.pending is not None:
             tokens, cache.pending = cache.pending[:, None], None

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
+from mt.models.rotary import rotate
 from mt.tokenizer import BOS, PAD
 
 
@@ -48,16 +49,20 @@ def normalize_logits(logits):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float):
+    def __init__(self, d: int, heads: int, dropout: float, rotary: bool = False):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.rotary = heads, dropout, rotary
         self.qkv = nn.Linear(d, 3 * d)  # fused projection: one matmul instead of three
         self.out = nn.Linear(d, d)
 
-    def forward(self, x, *, mask=None, causal=False, cache=None, layer: int = 0):
-        """With a cache: x holds T new positions; their keys/values join the cached ones."""
+    def forward(self, x, *, mask=None, causal=False, cache=None, layer: int = 0, pos=None):
+        """With a cache: x holds T new positions; their keys/values join the cached ones.
+        rotary: queries and keys turn by their positions `pos` ((T,) or (B, T)) before the cache."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        if self.rotary:
+            pos = torch.arange(T, device=x.device) if pos is None else pos
+            q, k = rotate(q, pos), rotate(k, pos)
         if cache is not None:
             k, v, mask = cache.attend_to(layer, k, v)
             causal = False
@@ -106,17 +111,19 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm self-attention + feed-forward: the encoder's layer, and a decoder-only model's (causal)."""
+    """Pre-norm self-attention + feed-forward: the encoder's layer, and a decoder-only model's (causal).
+    `mixer` replaces the self-attention (a decoder-only model's sliding-window, linear or state-space
+    layer: mt.models.decoder_lm.make_mixer); it keeps the name `attn`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mixer: nn.Module | None = None):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg.d_model, cfg.heads, cfg.attn_dropout)
+        self.attn = mixer if mixer is not None else SelfAttention(cfg.d_model, cfg.heads, cfg.attn_dropout)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn, cfg.activation_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask=None, *, causal=False, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache, layer=layer))
+    def forward(self, x, mask=None, *, causal=False, cache=None, layer=0, pos=None):
+        x = x + self.drop(self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache, layer=layer, pos=pos))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 

@@ -59,6 +59,9 @@ def build_spec(model, pieces: list[str]):
     if not isinstance(model, (DecoderLM, Transformer)) or model.parallel_decoding:
         raise MTError(f"model.arch {cfg.arch} ({type(model).__name__}) has no CTranslate2 counterpart; "
                       "transformer, decoder_only and prefix_lm runs export")
+    if cfg.mixer != "softmax" or cfg.positions != "sinusoidal":
+        raise MTError(f"model.mixer {cfg.mixer} with model.positions {cfg.positions} does not export to CTranslate2; "
+                      "full (softmax) attention with sinusoidal positions does")
     positions = _numpy(model.positions)
     vocab = list(SPECIALS) + pieces[len(SPECIALS):]
     if isinstance(model, DecoderLM):
