@@ -128,3 +128,25 @@ def test_a_resumed_run_matches_an_uninterrupted_one(name, shakespeare_dir, tmp_p
     la = {r["step"]: r["loss"] for r in records(a) if "loss" in r}
     lb = {r["step"]: r["loss"] for r in records(b) if "loss" in r}
     assert la.keys() == lb.keys() and max(abs(la[s] - lb[s]) for s in la) <= 1e-6
+
+
+def test_bench_context_reports_the_state_each_mixer_holds():
+    """`mt bench context`: a KV cache grows by one column of keys and values per token and layer; a
+    window holds W slots; linear attention's (S, z) and the state-space layer's state stay put."""
+    from mt.tools.bench_context import bench_context, crossover
+
+    sets = ["model.dec_layers=2", "model.d_model=16", "model.heads=2", "model.ffn=32", "model.max_positions=64"]
+    variants = {"full": ["model.mixer=softmax"], "window 4": ["model.mixer=sliding_window", "model.window=4"],
+                "linear": ["model.mixer=linear", "model.positions=sinusoidal"], "ssm": ["model.mixer=ssm", "model.positions=none"]}
+    rows = bench_context(REPO / "recipes/shakespeare.yaml", sets, variants=variants, lengths=[8, 32], batches=[1, 3],
+                         window=4)
+    state = {(r["mixer"], r["batch"], r["length"]): r["cache_bytes"] for r in rows if r["asked"]}
+    assert len(state) == 4 * 2 * 2 and all(r["ms_per_token"] > 0 for r in rows)
+    for b in (1, 3):
+        assert state[("full", b, 32)] == 32 * 2 * 2 * b * 16 * 4          # length x (k, v) x layers x batch x d x fp32
+        assert state[("window 4", b, 8)] == state[("window 4", b, 32)] == 4 * 2 * 2 * b * 16 * 4
+        assert state[("linear", b, 8)] == state[("linear", b, 32)] == 2 * b * 2 * 8 * 9 * 4  # H x Dh x (Dh + 1)
+        assert state[("ssm", b, 8)] == state[("ssm", b, 32)]
+    fake = [{"mixer": m, "batch": 1, "length": L, "ms_per_step": ms} for m, L, ms in
+            [("full", 8, 1.0), ("full", 16, 2.0), ("full", 32, 4.0), ("x", 8, 1.5), ("x", 16, 1.9), ("x", 32, 2.0)]]
+    assert crossover(fake, "x", 1) == 16 and crossover(fake, "full", 1, base="x") is None  # cheaper at 8 only

@@ -66,3 +66,41 @@ def bench_translate(run, src, beam_size, batch_tokens, batch_sentences, repeats,
                                sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                steps=steps, length_beam=length_beam)
     click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate (beam {beam_size})", result)
+
+
+@bench.command("context")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Applied to every mixer.")
+@click.option("--lengths", default="256,1024,4096,8192", show_default=True, help="Generated lengths reported.")
+@click.option("--batch", "batches", default="1,16", show_default=True, help="Batch sizes.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG plot here.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_context(recipe, overrides, lengths, batches, plot_path, as_json):
+    """Decoding cost against generated length for each token mixer: ms per token and state bytes."""
+    from mt.errors import MTError
+    from mt.tools import bench_context as bc
+
+    try:
+        lengths = [int(x) for x in lengths.split(",")]
+        batches = [int(x) for x in batches.split(",")]
+    except ValueError:
+        raise MTError("--lengths and --batch take comma-separated integers, e.g. 256,1024") from None
+    if min(lengths + batches) < 1:
+        raise MTError("--lengths and --batch must be positive")
+    rows = bc.bench_context(recipe, overrides, lengths=lengths, batches=batches)
+    if plot_path:
+        bc.plot(rows, plot_path)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'mixer':14s} {'batch':>5s} " + " ".join(f"{f'{L} ms/tok':>12s} {f'{L} state':>11s}" for L in lengths))
+    for name in dict.fromkeys(r["mixer"] for r in rows):
+        for batch in batches:
+            cells = {r["length"]: r for r in rows if r["mixer"] == name and r["batch"] == batch and r["asked"]}
+            click.echo(f"{name:14s} {batch:5d} " + " ".join(
+                f"{cells[L]['ms_per_token']:12.3f} {cells[L]['cache_bytes'] / 2**20:9.2f}Mi" for L in lengths))
+    for batch in batches:
+        for name in dict.fromkeys(r["mixer"] for r in rows if r["mixer"] != "full"):
+            at = bc.crossover(rows, name, batch)
+            click.echo(f"batch {batch}: {name} is cheaper per step than full attention from length "
+                       f"{at if at else 'none measured'}")
