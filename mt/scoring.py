@@ -99,7 +99,8 @@ def perplexities(scores: list[PairScore], texts: list[str] | None = None) -> dic
     compares models whatever their tokenizers."""
     if texts is not None:
         chars = sum(len(t) + 1 for t, s in zip(texts, scores) if s.scored)
-        per_char = {"characters": chars, "nll_per_char": -sum(s.logprob for s in scores if s.scored) / max(chars, 1)}
+        nll = -sum(s.logprob for s in scores if s.scored)
+        per_char = {"characters": chars, "nll_per_char": nll / chars if chars else float("nan")}
         return {**perplexities(scores), **per_char}
     scored = [s for s in scores if s.scored]
     total_lp = sum(s.logprob for s in scored)

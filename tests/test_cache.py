@@ -13,12 +13,17 @@ from mt.tokenizer import BOS, EOS, PAD
 
 SRC = torch.tensor([[5, 6, 7, 8, 9, EOS], [4, 10, EOS, PAD, PAD, PAD], [7, 7, 5, EOS, PAD, PAD]])
 TGT_IN = torch.tensor([[BOS, 4, 5, 6, 7, 8, 9], [BOS, 10, 9, 8, 7, 6, 5], [BOS, 4, 4, 4, 4, 4, 4]])
-ARCHS = ["transformer", "decoder_only", "prefix_lm", "linear"]
+# decoder-only models with a fixed-size state (mt.models.cache.StateCache) are families of their own here
+MIXERS = {"sliding_window": dict(mixer="sliding_window", window=3), "linear_attention": dict(mixer="linear", linear_gate=True),
+          "ssm": dict(mixer="ssm", positions="none")}
+ARCHS = ["transformer", "decoder_only", "prefix_lm", "linear", *MIXERS]
 
 
 def family(arch):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, enc_layers=2, dec_layers=2, d_model=32, heads=4, ffn=64, max_positions=64)
+    mixer = MIXERS.get(arch, {})
+    cfg = ModelConfig(arch="decoder_only" if mixer else arch, enc_layers=2, dec_layers=2, d_model=32, heads=4,
+                      ffn=64, max_positions=64, **mixer)
     return build_model(cfg, 11).eval()
 
 

@@ -71,7 +71,7 @@ def score(run, src, tgt, text, weights, device, as_json, max_line_chars, samples
             click.echo(json.dumps({**record, "bound": True, "stderr": r.stderr} if bound else record))
         else:
             click.echo(f"{r.logprob:.4f}\t{r.tokens}\t{r.nll_per_token:.4f}" + (f"\t{r.stderr:.4f}" if bound else ""))
-    summary = perplexities(results)
+    summary = perplexities(results, targets)
     if as_json:
         click.echo(json.dumps({k: v if math.isfinite(v) else None for k, v in summary.items()}), err=True)
     else:
@@ -79,8 +79,8 @@ def score(run, src, tgt, text, weights, device, as_json, max_line_chars, samples
         le, what = ("<= ", f" (a bound: minus the NELBO, standard error {summary['stderr']:.2f})") if summary["bound"] else ("", "")
         click.echo(f"mt: {summary['sentences']} pairs{skipped}, {summary['tokens']} target tokens, "
                    f"log P {'>= ' if summary['bound'] else ''}{summary['logprob']:.2f}{what}, per-token perplexity "
-                   f"{le}{summary['ppl_per_token']:.3f}, per-sentence perplexity {le}{summary['ppl_per_sentence']:.3f}",
-                   err=True)
+                   f"{le}{summary['ppl_per_token']:.3f}, per-sentence perplexity {le}{summary['ppl_per_sentence']:.3f}, "
+                   f"NLL per character {le}{summary['nll_per_char']:.4f}", err=True)
 
 
 # --- eval -------------------------------------------------------------------------------------
