@@ -225,7 +225,7 @@ def load_run(run: str | Path, *, weights: str = "model"):
     tok = Tokenizer(run / "spm.model", lowercase=cfg.data.lowercase)
     if len(tok) != meta.get("vocab_size"):
         raise MTError(f"{run}: tokenizer has {len(tok)} pieces but the weights expect {meta.get('vocab_size')}")
-    model = build_model(cfg.model, len(tok))
+    model = build_model(cfg.model, len(tok), packed=cfg.data.pack)
     load_weights(model, run / f"{weights}.safetensors")
     model.eval()
     return cfg, model, tok

@@ -136,7 +136,7 @@ def build_training(cfg: Config, vocab_size: int, accelerator: Accelerator, *, sp
     """The model (fast paths on unless speed_paths=False), AdamW, torch.compile if asked, through
     accelerator.prepare: returns (raw model, prepared model, prepared optimizer)."""
     tc = cfg.train
-    raw_model = build_model(cfg.model, vocab_size)
+    raw_model = build_model(cfg.model, vocab_size, packed=cfg.data.pack)
     if speed_paths:
         fast.enable(raw_model)
     opt_kwargs = {"fused": True} if accelerator.device.type in ("cpu", "cuda") else {}

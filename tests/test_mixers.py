@@ -169,3 +169,18 @@ def test_parameter_counts_match_full_attention_within_five_percent():
     base = lm(mixer="softmax", **shape).num_parameters()
     for name in ("sliding_window", "linear", "gated_linear", "ssm"):
         assert abs(lm(**MIXERS[name], **shape).num_parameters() / base - 1) < 0.05, name
+
+
+def test_a_packed_lm_reads_bos_as_the_line_break_it_was_trained_after():
+    """Packed windows never hold BOS (every line starts after an EOS): prompts and scored lines of such
+    a model start from EOS, so sampling and scoring condition on what training showed."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="decoder_only", d_model=32, heads=4, ffn=64, dec_layers=2, dropout=0.0, mixer="ssm",
+                      positions="none")
+    packed, plain = build_model(cfg, V, packed=True).eval(), build_model(cfg, V).eval()
+    plain.load_state_dict(packed.state_dict())
+    ids = torch.randint(4, V, (2, 9))
+    with torch.no_grad():
+        bos, eos = torch.cat([torch.full((2, 1), BOS), ids], 1), torch.cat([torch.full((2, 1), EOS), ids], 1)
+        assert torch.equal(packed(None, bos), plain(None, eos))
+        assert not torch.allclose(plain(None, bos), plain(None, eos))

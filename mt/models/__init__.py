@@ -17,16 +17,16 @@ from mt.models.linear_lm import LinearLM
 from mt.models.transformer import Transformer
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int, *, packed: bool = False) -> nn.Module:
     """The model `cfg.arch` names: encoder-decoder, masked diffusion, decoder-only / prefix LM, or
-    the linear baseline."""
+    the linear baseline. packed: a decoder-only LM trained on a packed stream (data.pack)."""
     if cfg.arch == "transformer":
         return Transformer(cfg, vocab_size)
     if cfg.arch == "linear":
         return LinearLM(cfg, vocab_size)
     if cfg.arch == "diffusion":
         return DiffusionTranslator(cfg, vocab_size)
-    return DecoderLM(cfg, vocab_size, prefix_lm=cfg.arch == "prefix_lm")
+    return DecoderLM(cfg, vocab_size, prefix_lm=cfg.arch == "prefix_lm", packed=packed)
 
 
 __all__ = ["build_model", "DecodingCache", "KVCache", "SequenceModel", "Transformer", "DiffusionTranslator", "DecoderLM", "LinearLM"]

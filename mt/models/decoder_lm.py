@@ -25,7 +25,7 @@ from mt.models.layers import EncoderLayer, SelfAttention, SequenceModel, sinusoi
 from mt.models.linear_attention import LinearAttention
 from mt.models.sliding_window import SlidingWindowAttention
 from mt.models.ssm import StateSpaceMixer
-from mt.tokenizer import BOS, PAD
+from mt.tokenizer import BOS, EOS, PAD
 
 
 def make_mixer(cfg: ModelConfig) -> nn.Module:
@@ -82,9 +82,12 @@ def split_prompt(src):
 class DecoderLM(SequenceModel):
     """Causal transformer: P(x) (prefix_lm=False) or P(y | x) by reading `x EOS BOS y` (prefix_lm=True)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, *, prefix_lm: bool):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, prefix_lm: bool, packed: bool = False):
         super().__init__(cfg, vocab_size)
         self.prefix_lm = prefix_lm
+        # trained on a packed stream, the model never saw BOS: every line there starts after an EOS,
+        # so a sequence starting with BOS (a prompt, a scored line) reads EOS in its place
+        self.packed = packed and not prefix_lm
         self.reads_prompts = not prefix_lm  # a decoder-only LM continues prompts
         self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)
         self.register_buffer("positions", sinusoids(cfg.max_positions, cfg.d_model), persistent=False)
@@ -106,6 +109,8 @@ class DecoderLM(SequenceModel):
         return self.cfg.max_positions - 1 - (source_length + 1 if self.prefix_lm else 0)
 
     def _run(self, ids, pos, *, mask=None, causal=False, cache=None):
+        if self.packed:
+            ids = ids.masked_fill(ids == BOS, EOS)
         x = self.embed(ids) * math.sqrt(self.cfg.d_model)
         if self.cfg.positions == "sinusoidal":  # rotary turns queries and keys inside the layers instead
             x = x + self.positions[pos]

@@ -54,11 +54,11 @@ def bench_context(recipe, overrides=(), *, variants=VARIANTS, lengths=(256, 1024
     rows = []
     for name, variant in variants.items():
         cfg = config_mod.load(recipe, [*overrides, *variant])
-        if cfg.model.arch != "decoder_only":
-            raise MTError(f"{recipe}: mt bench context needs a decoder_only model (model.arch is {cfg.model.arch})")
         cfg.model = replace(cfg.model, max_positions=max(cfg.model.max_positions, longest + 2))
         torch.manual_seed(0)
         model = build_model(cfg.model, vocab).eval()
+        if not model.reads_prompts:
+            raise MTError(f"{recipe}: mt bench context times language models (a decoder that continues prompts)")
         for batch in batches:
             times = step_times(model, batch, longest, vocab)
             # the asked lengths, and every power of two on the way (the crossover and the plot)
