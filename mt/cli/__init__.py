@@ -118,7 +118,6 @@ def data_multi30k(out, source_dir):
         click.echo(str(path))
 
 
-
 @data.command("tinyshakespeare")
 @click.option("--out", "out", default="data/tinyshakespeare", show_default=True, help="Output folder.")
 @click.option("--from", "source", default=None, help="Read this local input.txt(.gz) instead of downloading.")
@@ -128,6 +127,7 @@ def data_tinyshakespeare(out, source):
 
     for path in tinyshakespeare(out, source=source):
         click.echo(str(path))
+
 
 # --- train ------------------------------------------------------------------------------------
 @main.command()

@@ -55,14 +55,20 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)  # fused projection: one matmul instead of three
         self.out = nn.Linear(d, d)
 
-    def forward(self, x, *, mask=None, causal=False, cache=None, layer: int = 0, pos=None):
-        """With a cache: x holds T new positions; their keys/values join the cached ones.
-        rotary: queries and keys turn by their positions `pos` ((T,) or (B, T)) before the cache."""
+    def project(self, x, pos=None):
+        """x (B, T, D) -> queries, keys, values (B, H, T, Dh); rotary: queries and keys turned by
+        their positions `pos` ((T,) or (B, T); default 0..T-1) before any cache sees them."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if self.rotary:
             pos = torch.arange(T, device=x.device) if pos is None else pos
             q, k = rotate(q, pos), rotate(k, pos)
+        return q, k, v
+
+    def forward(self, x, *, mask=None, causal=False, cache=None, layer: int = 0, pos=None):
+        """With a cache: x holds T new positions; their keys/values join the cached ones."""
+        B, T, D = x.shape
+        q, k, v = self.project(x, pos)
         if cache is not None:
             k, v, mask = cache.attend_to(layer, k, v)
             causal = False

@@ -12,8 +12,6 @@ Shapes: B batch, H heads, T positions, Dh head width.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

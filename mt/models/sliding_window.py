@@ -12,11 +12,9 @@ Shapes: B batch, H heads, T positions, W window, Dh head width, n blocks.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from mt.models.layers import attention
-from mt.models.rotary import rotate
+from mt.models.layers import SelfAttention, attention
 
 
 def band_mask(pos_q, pos_k, window: int):
@@ -45,14 +43,12 @@ def blocked_attention(q, k, v, window: int, dropout: float = 0.0):
     return y.reshape(B, H, n * W, Dh)[:, :, :T]
 
 
-class SlidingWindowAttention(nn.Module):
-    """Drop-in for SelfAttention in a decoder-only layer (same parameter names: qkv, out)."""
+class SlidingWindowAttention(SelfAttention):
+    """SelfAttention (its parameters, projection and rotary positions) limited to a window, always causal."""
 
     def __init__(self, d: int, heads: int, dropout: float, window: int, rotary: bool = False):
-        super().__init__()
-        self.heads, self.dropout, self.window, self.rotary = heads, dropout, window, rotary
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
+        super().__init__(d, heads, dropout, rotary)
+        self.window = window
 
     def new_state(self, batch: int, device, dtype) -> dict:
         Dh = self.qkv.in_features // self.heads
@@ -61,11 +57,7 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x, *, mask=None, causal=True, cache=None, layer: int = 0, pos=None):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if pos is None:
-            pos = torch.arange(T, device=x.device)
-        if self.rotary:
-            q, k = rotate(q, pos), rotate(k, pos)
+        q, k, v = self.project(x, pos)
         p = self.dropout if self.training else 0.0
         if cache is None:
             if self.window >= T:
