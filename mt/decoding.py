@@ -44,14 +44,15 @@ def encode_sources(tokenizer: Tokenizer, texts: list[str], *, model, line_number
 
 
 def decode_ids(model, src_ids: dict[int, list[int]], count: int, *, options: DecodeConfig, device,
-               num_hypotheses: int = 1, ids=None, one_at_a_time: bool = False,
+               num_hypotheses: int = 1, ids=None, one_at_a_time: bool = False, single=None,
                stop_at_eos: bool = True) -> list[list[Hypothesis]]:
     """Hypotheses for each of `count` inputs, best first (an empty list where src_ids has no entry).
 
     Search: beam search (options.beam_size > 1, the `num_hypotheses` best), greedy search, or with
     options.sample `num_hypotheses` draws per input, draw j of input i keyed by (seed, ids[i] *
     num_hypotheses + j) (`ids`: sentence numbers, default 0 .. count-1), so draws do not depend on
-    the batching. one_at_a_time: batches of one sentence (the batch-1 compiled step).
+    the batching. one_at_a_time: batches of one sentence; `single`: what greedy search and sampling of
+    a batch of one sentence run on instead of `model` (the batch-1 compiled step), or None.
     stop_at_eos=False (greedy search, sampling): EOS is a line break and every output runs its length.
     """
     ids = list(range(count)) if ids is None else list(ids)
@@ -60,7 +61,7 @@ def decode_ids(model, src_ids: dict[int, list[int]], count: int, *, options: Dec
         rows = {i * n + j: src_ids[i] for i in src_ids for j in range(n)}
         draws = decode_ids(model, rows, count * n, options=options, device=device,
                            ids=[ids[r // n] * n + r % n for r in range(count * n)], one_at_a_time=one_at_a_time,
-                           stop_at_eos=stop_at_eos)
+                           single=single, stop_at_eos=stop_at_eos)
         return [[h for j in range(n) for h in draws[i * n + j]] for i in range(count)]
     out: list[list[Hypothesis]] = [[] for _ in range(count)]
     width = options.length_beam if model.parallel_decoding else 1 if options.sample else options.beam_size
@@ -75,7 +76,8 @@ def decode_ids(model, src_ids: dict[int, list[int]], count: int, *, options: Dec
                                nbest=num_hypotheses, sample=options.sample, temperature=options.temperature,
                                ids=[ids[i] for i in batch], seed=options.seed)
         elif width == 1:
-            res = [[h] for h in generate(model, src, max_lens, sample=options.sample, ids=[ids[i] for i in batch],
+            stepper = single if single is not None and len(batch) == 1 else model
+            res = [[h] for h in generate(stepper, src, max_lens, sample=options.sample, ids=[ids[i] for i in batch],
                                          seed=options.seed, temperature=options.temperature, top_k=options.top_k,
                                          top_p=options.top_p, length_penalty=options.length_penalty,
                                          stop_at_eos=stop_at_eos)]

@@ -38,23 +38,24 @@ class Translation:
 
 
 class Translator:
-    """Decode and score with a model and its tokenizer. `decoder`: what batch-1 greedy search and
-    sampling run on instead of the model (mt.fast.aot.AotDecoder), or None."""
+    """Decode and score with a model and its tokenizer. `decoder`: what search runs on instead of the
+    model (mt.fast.aot_batched.BatchedAotDecoder), or None; `single`: what greedy search and sampling
+    of one sentence alone run on (mt.fast.aot.AotDecoder), or None."""
 
-    def __init__(self, model, tokenizer: Tokenizer, cfg: Config, *, device: str = "cpu", decoder=None):
+    def __init__(self, model, tokenizer: Tokenizer, cfg: Config, *, device: str = "cpu", decoder=None,
+                 single=None):
         self.model, self.tokenizer, self.cfg = model.to(device).eval(), tokenizer, cfg
         self.device = torch.device(device)
-        self.decoder = decoder
-        self._told_beam_is_eager = False
+        self.decoder, self.single = decoder, single
 
     @classmethod
     def load(cls, run: str | Path | list, *, device: str | None = None, weights: str = "model",
              quantize: str | None = None, aot: bool = False, fast: bool = True) -> "Translator":
         """`run`: a run directory, or a list of them to decode as an ensemble (mt.ensemble; the runs
         must share their tokenizer). quantize="int8": dynamic int8 linear layers (CPU inference only).
-        aot: greedy search and sampling one sentence at a time through the ahead-of-time compiled
-        encoder and decoder step (mt.fast.aot: lowest latency per sentence on CPU; beam search is
-        unaffected). fast: the CPU speed paths of mt.fast (same results)."""
+        aot: search through the model's decoder step compiled ahead of time (CPU): batches through
+        mt.fast.aot_batched, one sentence alone (greedy search, sampling) through mt.fast.aot's
+        batch-1 step, the lowest latency. fast: the CPU speed paths of mt.fast (same results)."""
         from mt import fast as fast_paths
         from mt.fast.int8 import quantize_int8
 
@@ -72,16 +73,18 @@ class Translator:
         elif aot:
             device = device or "cpu"
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        decoder = None
+        decoder = single = None
         if aot:
             from mt.fast.aot import AotDecoder
+            from mt.fast.aot_batched import BatchedAotDecoder
 
-            decoder = AotDecoder(models[0] if len(models) == 1 else Ensemble(models))
+            member = models[0] if len(models) == 1 else Ensemble(models)
+            decoder, single = BatchedAotDecoder(member), AotDecoder(member)
         if fast:
             for m in models:
                 fast_paths.enable(m)  # and the process settings (tune_process)
         model = models[0] if len(models) == 1 else Ensemble(models)
-        return cls(model, tok, cfg, device=device, decoder=decoder)
+        return cls(model, tok, cfg, device=device, decoder=decoder, single=single)
 
     # --- the API ---------------------------------------------------------------------------
     def translate_batch(self, sources: list[str], *, beam_size: int | None = None, num_hypotheses: int = 1,
@@ -191,15 +194,17 @@ class Translator:
 
     def default_window(self, *, interactive: bool = False, beam_size: int | None = None,
                        sample: bool | None = None, num_hypotheses: int = 1) -> int:
-        """Lines translate_iterable should read ahead: 1 for a terminal, or where the compiled step
-        decodes one line at a time anyway (so each line is answered as it arrives), else 1000."""
+        """Lines translate_iterable should read ahead: 1 for a terminal, or where the batch-1 compiled
+        step decodes one line at a time anyway (so each line is answered as it arrives), else 1000."""
         options = self.options(beam_size=beam_size, sample=sample)
         return 1 if interactive or self._one_at_a_time(options, num_hypotheses) else 1000
 
     # --- helpers ---------------------------------------------------------------------------
     def _one_at_a_time(self, options: DecodeConfig, num_hypotheses: int = 1) -> bool:
-        """Whether the batch-1 compiled step decodes these options (greedy search, or sampling)."""
-        return self.decoder is not None and (options.sample or options.beam_size == 1 and num_hypotheses == 1)
+        """Whether the batch-1 compiled step decodes every sentence alone: asked for with batches of
+        one sentence (decode.max_batch_sentences 1), for greedy search or sampling."""
+        return (self.single is not None and options.max_batch_sentences == 1
+                and (options.sample or options.beam_size == 1 and num_hypotheses == 1))
 
     def options(self, **given) -> DecodeConfig:
         """The run's decode options with the given ones (those not None) in their place, each checked
@@ -212,13 +217,10 @@ class Translator:
                 line_numbers, *, stop_at_eos: bool = True) -> tuple[dict[int, list[int]], list[list[Hypothesis]]]:
         """The inputs' ids (mt.decoding.encode_sources) and each input's hypotheses."""
         src_ids = encode_sources(self.tokenizer, sources, model=self.model, line_numbers=line_numbers, warn=warn)
-        one_at_a_time = self._one_at_a_time(options, num_hypotheses)
-        if self.decoder is not None and not one_at_a_time and not self._told_beam_is_eager:
-            warn("--aot speeds up greedy search (--greedy) and sampling only; beam search runs uncompiled")
-            self._told_beam_is_eager = True
-        return src_ids, decode_ids(self.decoder if one_at_a_time else self.model, src_ids, len(sources),
-                                   options=options, device=self.device, num_hypotheses=num_hypotheses,
-                                   ids=line_numbers, one_at_a_time=one_at_a_time, stop_at_eos=stop_at_eos)
+        return src_ids, decode_ids(self.decoder or self.model, src_ids, len(sources), options=options,
+                                   device=self.device, num_hypotheses=num_hypotheses, ids=line_numbers,
+                                   one_at_a_time=self._one_at_a_time(options, num_hypotheses), single=self.single,
+                                   stop_at_eos=stop_at_eos)
 
 
 def warn(msg: str) -> None:

@@ -149,22 +149,23 @@ def test_aot_refuses_what_it_cannot_decode():
 @needs_cxx
 @pytest.mark.slow
 def test_cli_translate_aot_matches_eager(trained_run, multi30k_dir):
-    """The user's view: greedy search and sampling give the same lines as uncompiled, one per input line."""
+    """The user's view: greedy search, sampling and beam search give the same lines as uncompiled, one
+    per input line, in batches and (--batch-sentences 1) one sentence at a time."""
     import gzip
 
     with gzip.open(multi30k_dir / "test_2016_flickr.en.gz", "rt") as f:
         lines = [next(f).rstrip("\n") for _ in range(12)]
     lines.insert(3, "")
     src = "\n".join(lines) + "\n"
-    for search in (["--greedy"], ["--sample", "--top-k", "10", "--seed", "3"]):
+    for search in (["--greedy"], ["--sample", "--top-k", "10", "--seed", "3"], ["--beam", "4"]):
         outs = []
-        for extra in ([], ["--aot"]):
+        for extra in ([], ["--aot"], ["--aot", "--batch-sentences", "1"]):
             proc = subprocess.run([sys.executable, "-m", "mt.cli", "translate", "-m", str(trained_run), *search,
                                    *extra], input=src, capture_output=True, text=True, cwd=REPO, timeout=900)
             assert proc.returncode == 0, proc.stderr
             outs.append(proc.stdout.splitlines())
         assert len(outs[1]) == len(lines) and outs[1][3] == ""
-        assert outs[1] == outs[0], search
+        assert outs[1] == outs[0] and outs[2] == outs[0], search
 
 
 def test_cli_aot_without_a_compiler_is_one_line(trained_run, tmp_path):
@@ -183,11 +184,12 @@ def test_cli_aot_without_a_compiler_is_one_line(trained_run, tmp_path):
 @needs_cxx
 @pytest.mark.slow
 def test_cli_aot_answers_each_line_as_it_arrives(trained_run):
-    """A pipe from a server: with --aot --greedy, line 1's translation comes out before line 2 is sent."""
+    """A pipe from a server: with --aot --greedy --batch-sentences 1, line 1's translation comes out
+    before line 2 is sent (the batch-1 step decodes each line as it arrives)."""
     import select
 
     proc = subprocess.Popen([sys.executable, "-m", "mt.cli", "translate", "-m", str(trained_run), "--greedy",
-                             "--aot"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--aot", "--batch-sentences", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
     try:
         proc.stdin.write("A man rides a bike.\n")

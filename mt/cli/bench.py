@@ -51,16 +51,44 @@ def bench_train(recipe, overrides, steps, repeats, synthetic, as_json):
 @click.option("--steps", type=Bounded(int, "decode.steps"), default=None, help="Diffusion models: denoising passes.")
 @click.option("--length-beam", type=Bounded(int, "decode.length_beam"), default=None,
               help="Diffusion models: candidate lengths.")
+@click.option("--profile", is_flag=True, help="Where the time goes instead: one pass under torch.profiler, "
+              "each operator's time by part of the step (products, attention, cache, top-k, ...), the rest Python.")
+@click.option("--vs-ctranslate2", "vs_ct2", is_flag=True,
+              help="Side by side with CTranslate2 on the same model (exported to a temporary folder; needs the "
+                   "ctranslate2 package): --repeats rounds of mt then CTranslate2 at each --ct2-batches size "
+                   "(with --quantize int8: CTranslate2's int8; with --latency N: both at batch 1), medians, ratio.")
+@click.option("--ct2-batches", default="32,64,128", show_default=True, help="CTranslate2's batch sizes (sentences).")
 @click.option("--json", "as_json", is_flag=True)
 def bench_translate(run, src, beam_size, batch_tokens, batch_sentences, repeats, device, quantize, aot,
-                    latency, sample, temperature, top_k, top_p, seed, steps, length_beam, as_json):
+                    latency, sample, temperature, top_k, top_p, seed, steps, length_beam, profile, vs_ct2,
+                    ct2_batches, as_json):
     """Decoding speed: sentences/s and generated tokens/s (search, or --sample)."""
     from mt.tools import bench as b
 
     t = load_translator(run, "model", device, batch_tokens, quantize, batch_sentences, aot)
+    if vs_ct2:
+        from mt.tools.vs_ctranslate2 import compare, print_comparison
+
+        try:
+            batches = [int(b) for b in ct2_batches.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{ct2_batches!r} is not a comma-separated list of numbers",
+                                     param_hint="--ct2-batches") from None
+        result = compare(t, run, src, read_text(src), beam_size=beam_size, batches=batches, rounds=repeats,
+                         compute_type=quantize or "float32", latency=latency or 0)
+        click.echo(json.dumps(result)) if as_json else print_comparison(result)
+        return
     if latency:
         result = b.bench_latency(t, read_text(src), beam_size=beam_size, n=latency, steps=steps, length_beam=length_beam)
         click.echo(json.dumps(result)) if as_json else b.print_table(f"mt bench translate --latency (beam {beam_size})", result)
+        return
+    if profile:
+        from mt.tools.profile_decoding import print_profile, profile_translate
+
+        result = profile_translate(t, read_text(src), beam_size=1 if sample else beam_size, sample=sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, steps=steps,
+                                   length_beam=length_beam)
+        click.echo(json.dumps(result)) if as_json else print_profile(result)
         return
     result = b.bench_translate(t, read_text(src), beam_size=1 if sample else beam_size, repeats=repeats,
                                sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -70,9 +70,10 @@ def decode_options(*, model_required: bool = True):
 
 aot_option = click.option(
     "--aot", is_flag=True,
-    help="Greedy search and sampling one sentence at a time through the model's encoder and decoder step "
-         "compiled ahead of time: lowest latency (CPU; a model compiles once, a minute or two, and later runs "
-         "load it from $MT_CACHE_DIR, default ~/.cache/mt, in seconds).")
+    help="Decode through the model's decoder step compiled ahead of time (CPU, one float32 model): batches for "
+         "greedy search, sampling and beam search; with --batch-sentences 1, greedy search and sampling one "
+         "sentence at a time, the lowest latency. A model compiles once (under a minute a step kind) and later "
+         "runs load it from $MT_CACHE_DIR, default ~/.cache/mt, in seconds.")
 
 
 def load_translator(run, weights, device, batch_tokens=None, quantize=None, batch_sentences=None, aot=False):

@@ -19,7 +19,7 @@ from mt.cli.common import (Bounded, decode_options, interactive, load_translator
 @click.option("--scores", is_flag=True, help="Add log P(y|x) as a second, tab-separated column.")
 @click.option("--window", type=Bounded(int, Range(1, 10**6)), default=None,
               help="Lines read ahead and sorted by length (default 1000; 1 when stdin is a terminal, or for "
-                   "--aot's greedy search and sampling, which decode one line at a time anyway).")
+                   "--aot --batch-sentences 1's greedy search and sampling, which decode one line at a time).")
 @max_line_chars_option
 def translate(run, beam_size, greedy, length_penalty, max_len_a, max_len_b, steps, length_beam, batch_tokens,
               batch_sentences, weights, device, quantize, aot, sample, temperature, top_k, top_p, seed, nbest, scores,

@@ -191,6 +191,7 @@ class AotDecoder:
         self.weights_hash = digest.hexdigest()[:16]
         self.runners = {}  # "step", "encoder": compiled (or loaded from the disk cache) at first use
 
+    version = _VERSION  # of the code that builds the packages (a subclass: its own file's too)
     # the questions decoding asks a model
     reads_prompts = False
     parallel_decoding = False
@@ -206,7 +207,7 @@ class AotDecoder:
         """The file name's key. Its first part (this file's code, torch, the CPU) tells packages of this
         version from those an earlier version left behind."""
         shapes = repr((kind, sorted(vars(self.cfg).items()), self.model.vocab_size))
-        return f"{_VERSION}-{hashlib.sha256((shapes + self.weights_hash).encode()).hexdigest()[:16]}"
+        return f"{self.version}-{hashlib.sha256((shapes + self.weights_hash).encode()).hexdigest()[:16]}"
 
     @torch.no_grad()
     def new_cache(self, src, max_len: int) -> AotCache:
@@ -242,7 +243,7 @@ class AotDecoder:
         L, H, Dh = self.layers, self.heads, self.dh
         source_len = torch.export.Dim("source_len", min=2, max=self.cfg.max_positions)
         if kind == "encoder":
-            return _Encode(self.model), (torch.tensor([[4, 5, 6, 7, EOS]]),), ({1: source_len},)
+            return _Encode(self.model), (torch.tensor([[4, 5, 6, 7, EOS]]),), ({1: source_len},), {}
         stepper = copy.deepcopy(self.model)
         for parent in list(stepper.modules()):
             for name, child in parent.named_children():
@@ -252,7 +253,16 @@ class AotDecoder:
         example = (torch.tensor([4]), torch.tensor([0]), torch.zeros(L, 1, H, 7, Dh), torch.zeros(L, 1, H, 7, Dh),
                    torch.zeros(L, 1, H, 5, Dh), torch.zeros(L, 1, H, 5, Dh))
         lengths = (None, None, {3: cache_len}, {3: cache_len}, {3: source_len}, {3: source_len})
-        return _Step(stepper), example, lengths
+        # small intermediates on the stack, not the heap; a layer norm's output stored once, not
+        # recomputed for every row of the product reading it (docs/performance.md)
+        return _Step(stepper), example, lengths, {"aot_inductor.allow_stack_allocation": True,
+                                                  "realize_opcount_threshold": 16}
+
+    def _decompositions(self, kind: str) -> dict:
+        """Attention as plain products and a softmax, which inductor fuses into the step's loops (its
+        fused-attention kernel is a separate call per layer)."""
+        sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+        return {sdpa: torch._decomp.decomposition_table[sdpa]}
 
     def _load_or_compile(self, kind: str):
         """AOTInductor's runner from the disk cache, or exported, compiled and written there."""
@@ -267,7 +277,7 @@ class AotDecoder:
                         pass
                 path.unlink(missing_ok=True)  # not ours, or damaged: never loaded
                 record.unlink(missing_ok=True)
-            module, example, lengths = self._example(kind)
+            module, example, lengths, configs = self._example(kind)
             fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)  # written whole, then renamed into place
             os.close(fd)
             try:
@@ -275,18 +285,13 @@ class AotDecoder:
                     warnings.simplefilter("ignore", FutureWarning)
                     warnings.simplefilter("ignore", DeprecationWarning)
                     program = torch.export.export(module.eval(), example, dynamic_shapes=lengths)
-                    if kind == "step":  # attention as plain products and a softmax, which inductor fuses
-                        # into the step's loops (its fused-attention kernel is a separate call per layer)
-                        sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-                        program = program.run_decompositions({sdpa: torch._decomp.decomposition_table[sdpa]})
-                    # small intermediates on the stack, not the heap; a layer norm's output stored once,
-                    # not recomputed for every row of the product reading it (docs/performance.md)
-                    torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs={
-                        "aot_inductor.allow_stack_allocation": True, "realize_opcount_threshold": 16})
+                    if kind != "encoder":
+                        program = program.run_decompositions(self._decompositions(kind))
+                    torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
                 checkpoint.atomic_write_text(record, _sha256(Path(tmp)) + "\n")
                 os.replace(tmp, path)
                 for old in path.parent.glob(f"{kind}-*.pt2*"):  # left by other versions: never loaded again
-                    if not old.name.startswith(f"{kind}-{_VERSION}-"):
+                    if not old.name.startswith(f"{kind}-{self.version}-"):
                         old.unlink(missing_ok=True)
             finally:
                 if os.path.exists(tmp):
@@ -296,6 +301,6 @@ class AotDecoder:
             raise
         except Exception as e:  # e.g. no working C++ compiler for inductor: say so in one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            what = "decoder step" if kind == "step" else "encoder"
+            what = "encoder" if kind == "encoder" else "decoder step"
             raise MTError(f"--aot: compiling the {what} failed ({type(e).__name__}: {first[:200]}); "
                           "run without --aot") from e
