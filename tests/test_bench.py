@@ -43,3 +43,44 @@ def test_read_bandwidth_counts_the_bytes_it_reads(monkeypatch):
     clock = iter(range(1000))  # each perf_counter call one second later: every pass takes 1 s
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
     assert bench.read_bandwidth(4096, reps=5) == pytest.approx(4096)
+
+
+def test_bench_translate_profile_counts_the_decoder_steps(trained_run, tmp_path):
+    """--profile: one greedy batch runs as many decoder steps as its longest output has tokens (EOS
+    included); the time is split into parts, and the model's own step is back in place afterwards."""
+    src = tmp_path / "src.en"
+    src.write_text("A man rides a bike.\nTwo dogs play in the snow.\nA girl reads.\n")
+    t = mt.load(trained_run)
+    longest = max(len(h[0].tokens) + 1 for h in t.translate_batch(src.read_text().splitlines(), beam_size=1))
+    out = mt_cli("bench", "translate", "-m", trained_run, "--src", src, "--beam", 1, "--profile", "--json")
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    assert r["steps"] == longest
+    assert r["in_step_parts_ms"]["products"] > 0 and 0 < r["in_step_ms"] <= r["profiled_wall_ms"]
+    assert sum(r["in_step_parts_ms"].values()) == pytest.approx(r["in_step_ms"])
+    assert sum(r["parts_ms"].values()) == pytest.approx(r["profiled_wall_ms"])
+
+    from mt.tools.profile_decoding import profile_translate
+
+    profile_translate(t, ["A man."], beam_size=1)
+    assert "step" not in vars(t.model)  # the profiling wrapper is gone
+
+
+@pytest.mark.slow
+def test_bench_translate_vs_ctranslate2(trained_run, tmp_path):
+    """The side-by-side: the same model exported and decoded by CTranslate2 at each batch size, the
+    ratio taken against its best; a bad batch list is one line."""
+    pytest.importorskip("ctranslate2")
+    src = tmp_path / "src.en"
+    src.write_text("A man rides a bike.\nTwo dogs play in the snow.\nA girl reads.\n" * 4)
+    out = mt_cli("bench", "translate", "-m", trained_run, "--src", src, "--beam", 2, "--repeats", 2,
+                 "--vs-ctranslate2", "--ct2-batches", "4,8", "--json")
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    assert len(r["mt"]) == 2 and set(r["ctranslate2"]) == {"4", "8"}
+    assert all(v > 0 for vs in r["ctranslate2"].values() for v in vs)
+    best = r["ctranslate2_best_batch"]
+    assert r["ctranslate2_median"][str(best)] == max(r["ctranslate2_median"].values())
+    assert r["mt_over_best"] == pytest.approx(r["mt_median"] / r["ctranslate2_median"][str(best)])
+    out = mt_cli("bench", "translate", "-m", trained_run, "--src", src, "--vs-ctranslate2", "--ct2-batches", "4,x")
+    assert out.exit_code != 0 and "--ct2-batches" in out.output

@@ -40,6 +40,11 @@ _VERSION = hashlib.sha256("\n".join([Path(__file__).read_text(), torch.__version
                                       str(torch.backends.cpu.get_cpu_capability())]).encode()).hexdigest()[:10]
 
 
+# small intermediates on the stack, not the heap; a layer norm's output stored once, not recomputed
+# for every row of the product reading it (docs/performance.md)
+_CONFIGS = {"aot_inductor.allow_stack_allocation": True, "realize_opcount_threshold": 16}
+
+
 def cache_dir() -> Path:
     """Where compiled encoders and decoder steps are kept: $MT_CACHE_DIR, else $XDG_CACHE_HOME/mt or ~/.cache/mt."""
     if os.environ.get("MT_CACHE_DIR"):
@@ -243,7 +248,7 @@ class AotDecoder:
         L, H, Dh = self.layers, self.heads, self.dh
         source_len = torch.export.Dim("source_len", min=2, max=self.cfg.max_positions)
         if kind == "encoder":
-            return _Encode(self.model), (torch.tensor([[4, 5, 6, 7, EOS]]),), ({1: source_len},), {}
+            return _Encode(self.model), (torch.tensor([[4, 5, 6, 7, EOS]]),), ({1: source_len},), _CONFIGS
         stepper = copy.deepcopy(self.model)
         for parent in list(stepper.modules()):
             for name, child in parent.named_children():
@@ -253,10 +258,7 @@ class AotDecoder:
         example = (torch.tensor([4]), torch.tensor([0]), torch.zeros(L, 1, H, 7, Dh), torch.zeros(L, 1, H, 7, Dh),
                    torch.zeros(L, 1, H, 5, Dh), torch.zeros(L, 1, H, 5, Dh))
         lengths = (None, None, {3: cache_len}, {3: cache_len}, {3: source_len}, {3: source_len})
-        # small intermediates on the stack, not the heap; a layer norm's output stored once, not
-        # recomputed for every row of the product reading it (docs/performance.md)
-        return _Step(stepper), example, lengths, {"aot_inductor.allow_stack_allocation": True,
-                                                  "realize_opcount_threshold": 16}
+        return _Step(stepper), example, lengths, _CONFIGS
 
     def _decompositions(self, kind: str) -> dict:
         """Attention as plain products and a softmax, which inductor fuses into the step's loops (its
