@@ -37,13 +37,18 @@ class Ensemble(nn.Module):
     parallel_decoding = False  # members decode left to right (a diffusion model is refused)
     exact_likelihood = True
 
-    def __init__(self, models: list[nn.Module]):
+    def __init__(self, models: list[nn.Module], steppers: list | None = None):
+        """steppers: what decodes each member (its `new_cache` / `step`; default the member itself):
+        the members' compiled decoders (`--aot`, mt.fast.aot_batched), one per member, in order."""
         super().__init__()
         if len(models) < 2:
             raise ValueError("an ensemble needs at least two models")
         if any(getattr(m, "parallel_decoding", False) for m in models):
             raise MTError("ensembles combine left-to-right models: a diffusion model decodes alone")
         self.members = nn.ModuleList(models)
+        if steppers is not None and len(steppers) != len(models):
+            raise ValueError("one stepper per member")
+        self.steppers = list(steppers) if steppers is not None else list(self.members)
         self.cfg = models[0].cfg
         self.reads_prompts = models[0].reads_prompts
 
@@ -61,10 +66,10 @@ class Ensemble(nn.Module):
         return torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(logprobs))
 
     def new_cache(self, src, max_len: int) -> EnsembleCache:
-        return EnsembleCache([m.new_cache(src, max_len) for m in self.members])
+        return EnsembleCache([m.new_cache(src, max_len) for m in self.steppers])
 
     def step(self, tokens, cache: EnsembleCache):
-        return self._mean([m.step(tokens, c) for m, c in zip(self.members, cache.caches)])
+        return self._mean([m.step(tokens, c) for m, c in zip(self.steppers, cache.caches)])
 
     def forward(self, src, tgt_in, tgt_out=None):
         """Teacher-forced log-probs (already normalised, unlike a single model's logits)."""

@@ -78,8 +78,10 @@ class Translator:
             from mt.fast.aot import AotDecoder
             from mt.fast.aot_batched import BatchedAotDecoder
 
-            member = models[0] if len(models) == 1 else Ensemble(models)
-            decoder, single = BatchedAotDecoder(member), AotDecoder(member)
+            if len(models) == 1:
+                decoder, single = BatchedAotDecoder(models[0]), AotDecoder(models[0])
+            else:  # each member's own compiled step; one sentence alone goes through them too
+                decoder = Ensemble(models, steppers=[BatchedAotDecoder(m) for m in models])
         if fast:
             for m in models:
                 fast_paths.enable(m)  # and the process settings (tune_process)

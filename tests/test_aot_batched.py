@@ -101,11 +101,30 @@ def test_one_package_per_group_size_serves_every_batch(model_and_compiled, monke
         assert [h[0].tokens for h in beam_search(compiled, src, torch.tensor([2 * n + 3] * n), beam_size=3)] == want
 
 
-def test_batched_aot_refuses_what_it_cannot_decode():
+@needs_cxx
+@pytest.mark.slow
+def test_an_ensemble_decodes_through_its_members_compiled_steps(model_and_compiled):
+    from mt.ensemble import Ensemble
+
+    model, compiled = model_and_compiled
+    other = make_model(vocab_size=40, d_model=32, heads=4, ffn=64, tie_embeddings=False, seed=3)
+    eager, fast = Ensemble([model, other]), Ensemble([model, other], steppers=[compiled, BatchedAotDecoder(other)])
+    src, lens = batch(*SOURCES), torch.tensor([9, 4, 7, 6, 5])
+    with torch.no_grad():
+        want = beam_search(eager, src, lens, beam_size=3, nbest=2)
+    got = beam_search(fast, src, lens, beam_size=3, nbest=2)
+    assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in want]
+    assert [h.score for hs in got for h in hs] == pytest.approx([h.score for hs in want for h in hs], abs=1e-4)
+
+
+def test_batched_aot_refuses_what_it_cannot_decode(trained_run):
     from mt.ensemble import Ensemble
     from mt.fast.int8 import quantize_int8
+    from mt.translate import Translator
 
     with pytest.raises(MTError, match="--aot"):
-        BatchedAotDecoder(Ensemble([make_model(), make_model(seed=1)]))
+        BatchedAotDecoder(Ensemble([make_model(), make_model(seed=1)]))  # an ensemble: member by member
     with pytest.raises(MTError, match="--aot"):
         BatchedAotDecoder(quantize_int8(make_model()))
+    with pytest.raises(MTError, match="--quantize"):
+        Translator.load(trained_run, quantize="int8", aot=True)

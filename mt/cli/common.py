@@ -70,7 +70,8 @@ def decode_options(*, model_required: bool = True):
 
 aot_option = click.option(
     "--aot", is_flag=True,
-    help="Decode through the model's decoder step compiled ahead of time (CPU, one float32 model): batches for "
+    help="Decode through the model's decoder step compiled ahead of time (CPU, float32; an ensemble member by "
+         "member): batches for "
          "greedy search, sampling and beam search; with --batch-sentences 1, greedy search and sampling one "
          "sentence at a time, the lowest latency. A model compiles once (under a minute a step kind) and later "
          "runs load it from $MT_CACHE_DIR, default ~/.cache/mt, in seconds.")

@@ -183,7 +183,8 @@ class AotDecoder:
         from mt.fast.int8 import is_quantized
 
         if type(model) is not Transformer or is_quantized(model):  # not a subclass (diffusion decodes otherwise)
-            raise MTError("--aot supports one float32 encoder-decoder model (no ensemble, no --quantize)")
+            raise MTError("--aot compiles float32 encoder-decoder models (not with --quantize; an ensemble "
+                          "member by member, in batches)")
         if next(model.parameters()).device.type != "cpu":
             raise MTError("--aot is for CPU decoding (batch-1 latency)")
         self.model = copy.deepcopy(model)  # plain layers, whatever mt.fast does to the caller's model later
