@@ -22,16 +22,15 @@ import platform
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from mt.fast.aot import AotDecoder, _VERSION
+from mt.fast.aot import AotDecoder, StaticCache, _Step as _OneStep, _VERSION
 from mt.models.cache import KVCache
 
 _BATCHED_VERSION = hashlib.sha256("\n".join([_VERSION, Path(__file__).read_text(), platform.machine()]).encode()
                                   ).hexdigest()[:10]
 
 
-class _Buffers:
+class _Buffers(StaticCache):
     """The layers' view of the cache inside the compiled step (the interface of KVCache they use):
     the new keys/values go to buffer rows 0..N-1 at position `pos`; the keys of row r at position t
     are read from buffer row rows_at[t, r]."""
@@ -49,18 +48,8 @@ class _Buffers:
         return (self.self_k[layer][where].permute(1, 2, 0, 3), self.self_v[layer][where].permute(1, 2, 0, 3),
                 None)  # every position given is filled: no mask
 
-    def positions(self, T: int):
-        return self.pos
 
-    def advance(self, n: int) -> None:
-        pass  # the caller passes the next position
-
-
-class _Step(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
+class _Step(_OneStep):
     def forward(self, tokens, pos, rows_at, memory_mask, self_k, self_v, memory_k, memory_v):
         return self.model.step(tokens, _Buffers(self_k, self_v, rows_at, memory_k, memory_v, memory_mask, pos))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 # operator name -> part of the step (names as torch.profiler reports them; the rest is "other ops")
