@@ -7,7 +7,6 @@ but `encode_sources`, which turns lines into the ids this module decodes.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch

@@ -1,7 +1,6 @@
 """mt distill: the teacher's translations of a corpus, line for line; a killed distillation resumes."""
 from __future__ import annotations
 
-import pytest
 from click.testing import CliRunner
 
 from mt.cli import main

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO, make_model
-from mt.fast.int8 import is_quantized, quantize_int8
+from mt.fast.int8 import quantize_int8
 
 
 def _step_logprobs(model, src, prefix):
