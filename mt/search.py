@@ -87,6 +87,7 @@ def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int 
     out_lp = torch.zeros(B, T)
     lengths = torch.full((B,), T, dtype=torch.long)
     tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+    lens_alive = max_lens  # max_lens[alive], kept in step with the rows
     for t in range(T):
         lp = model.step(tokens, cache).cpu()  # (b, V)
         if sample:
@@ -94,10 +95,11 @@ def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int 
                                 top_k=top_k, top_p=top_p)
         else:
             nxt = lp.argmax(-1)
-        last = max_lens[alive] <= t
-        nxt = torch.where(last, torch.full_like(nxt, EOS), nxt)
-        out_tok[alive, t] = nxt
-        out_lp[alive, t] = lp.gather(1, nxt[:, None]).squeeze(1)
+        last = lens_alive <= t
+        nxt.masked_fill_(last, EOS)
+        rows = slice(None) if len(alive) == B else alive  # every row still decoding, in order: no index
+        out_tok[rows, t] = nxt
+        out_lp[rows, t] = lp.gather(1, nxt[:, None]).squeeze(1)
         done = (nxt == EOS) if stop_at_eos else last
         if done.any():
             lengths[alive[done]] = t + 1
@@ -105,7 +107,7 @@ def generate(model, src, max_lens, *, sample: bool = False, ids=None, seed: int 
                 break
             keep = _fill_holes(done)
             cache.reorder(keep.to(src.device))
-            alive, nxt = alive[keep], nxt[keep]
+            alive, nxt, lens_alive = alive[keep], nxt[keep], lens_alive[keep]
         tokens = nxt[:, None].to(src.device)
     return [_finish(out_tok[b, :lengths[b] - 1].tolist(), out_lp[b, :lengths[b]].tolist(), length_penalty)
             for b in range(B)]
