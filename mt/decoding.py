@@ -43,15 +43,15 @@ def encode_sources(tokenizer: Tokenizer, texts: list[str], *, model, line_number
 
 
 def decode_ids(model, src_ids: dict[int, list[int]], count: int, *, options: DecodeConfig, device,
-               num_hypotheses: int = 1, ids=None, one_at_a_time: bool = False, single=None,
+               num_hypotheses: int = 1, ids=None, single=None,
                stop_at_eos: bool = True) -> list[list[Hypothesis]]:
     """Hypotheses for each of `count` inputs, best first (an empty list where src_ids has no entry).
 
     Search: beam search (options.beam_size > 1, the `num_hypotheses` best), greedy search, or with
     options.sample `num_hypotheses` draws per input, draw j of input i keyed by (seed, ids[i] *
     num_hypotheses + j) (`ids`: sentence numbers, default 0 .. count-1), so draws do not depend on
-    the batching. one_at_a_time: batches of one sentence; `single`: what greedy search and sampling of
-    a batch of one sentence run on instead of `model` (the batch-1 compiled step), or None.
+    the batching. `single`: what greedy search and sampling of a batch of one sentence run on instead
+    of `model` (the batch-1 compiled step), or None.
     stop_at_eos=False (greedy search, sampling): EOS is a line break and every output runs its length.
     """
     ids = list(range(count)) if ids is None else list(ids)
@@ -59,14 +59,13 @@ def decode_ids(model, src_ids: dict[int, list[int]], count: int, *, options: Dec
         n = num_hypotheses
         rows = {i * n + j: src_ids[i] for i in src_ids for j in range(n)}
         draws = decode_ids(model, rows, count * n, options=options, device=device,
-                           ids=[ids[r // n] * n + r % n for r in range(count * n)], one_at_a_time=one_at_a_time,
-                           single=single, stop_at_eos=stop_at_eos)
+                           ids=[ids[r // n] * n + r % n for r in range(count * n)], single=single,
+                           stop_at_eos=stop_at_eos)
         return [[h for j in range(n) for h in draws[i * n + j]] for i in range(count)]
     out: list[list[Hypothesis]] = [[] for _ in range(count)]
     width = options.length_beam if model.parallel_decoding else 1 if options.sample else options.beam_size
     todo = list(src_ids)
-    batches = ([i] for i in todo) if one_at_a_time else token_batches(todo, src_ids, width, options)
-    for batch in batches:
+    for batch in token_batches(todo, src_ids, width, options):
         src = pad_sources([src_ids[i] for i in batch], eos=not model.reads_prompts).to(device)
         lens = torch.tensor([len(src_ids[i]) for i in batch])
         max_lens = torch.minimum((options.max_len_a * lens + options.max_len_b).long(), model.max_output_tokens(lens))

@@ -79,7 +79,8 @@ class Translator:
             from mt.fast.aot_batched import BatchedAotDecoder
 
             if len(models) == 1:
-                decoder, single = BatchedAotDecoder(models[0]), AotDecoder(models[0])
+                single = AotDecoder(models[0])
+                decoder = BatchedAotDecoder(models[0], like=single)  # one plain copy of the model for both
             else:  # each member's own compiled step; one sentence alone goes through them too
                 decoder = Ensemble(models, steppers=[BatchedAotDecoder(m) for m in models])
         if fast:
@@ -221,7 +222,7 @@ class Translator:
         src_ids = encode_sources(self.tokenizer, sources, model=self.model, line_numbers=line_numbers, warn=warn)
         return src_ids, decode_ids(self.decoder or self.model, src_ids, len(sources), options=options,
                                    device=self.device, num_hypotheses=num_hypotheses, ids=line_numbers,
-                                   one_at_a_time=self._one_at_a_time(options, num_hypotheses), single=self.single,
+                                   single=self.single,
                                    stop_at_eos=stop_at_eos)
 
 

@@ -174,10 +174,11 @@ class AotDecoder:
     """The model interface search uses (`new_cache`, `step`), through compiled code; one sentence at a time.
 
     Built from a float32 Transformer on the CPU in eval mode; reads its weights once (rebuild it
-    after changing them).
+    after changing them). like: a decoder of the same model whose plain copy and weights hash this
+    one shares (no second copy, no second pass over the weights).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, like: "AotDecoder | None" = None):
         from mt.models import Transformer
 
         from mt.fast.int8 import is_quantized
@@ -187,15 +188,18 @@ class AotDecoder:
                           "member by member, in batches)")
         if next(model.parameters()).device.type != "cpu":
             raise MTError("--aot is for CPU decoding (batch-1 latency)")
-        self.model = copy.deepcopy(model)  # plain layers, whatever mt.fast does to the caller's model later
         self.cfg = model.cfg
         self.layers, self.heads, self.dh = len(model.decoder), model.cfg.heads, model.cfg.d_model // model.cfg.heads
+        self.runners = {}  # "step", "encoder": compiled (or loaded from the disk cache) at first use
+        if like is not None:
+            self.model, self.weights_hash = like.model, like.weights_hash
+            return
+        self.model = copy.deepcopy(model)  # plain layers, whatever mt.fast does to the caller's model later
         digest = hashlib.sha256()
         for name, t in model.state_dict().items():
             digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         self.weights_hash = digest.hexdigest()[:16]
-        self.runners = {}  # "step", "encoder": compiled (or loaded from the disk cache) at first use
 
     version = _VERSION  # of the code that builds the packages (a subclass: its own file's too)
     # the questions decoding asks a model

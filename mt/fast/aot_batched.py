@@ -104,8 +104,8 @@ class BatchedAotDecoder(AotDecoder):
 
     version = _BATCHED_VERSION
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, *, like: AotDecoder | None = None):
+        super().__init__(model, like=like)
         self.encoder_model = model  # eager encoding on the caller's model (with mt.fast's paths, once enabled)
 
     @torch.no_grad()
@@ -129,7 +129,7 @@ class BatchedAotDecoder(AotDecoder):
         n, t = tokens.shape[0], cache.length
         cache.rows_at[t, :n] = torch.arange(n)  # this step's keys go to buffer rows 0..n-1
         lp = self._runner(f"batched-step-g{cache.group}").boxed_run(
-            [tokens.contiguous(), cache.pos, cache.rows_at[:t + 1, :n].contiguous(), cache.memory_mask,
+            [tokens.contiguous(), cache.pos, cache.rows_at[:t + 1], cache.memory_mask,
              *cache.self_k, *cache.self_v, *cache.memory_k, *cache.memory_v])[0]
         cache.advance(1)
         return lp

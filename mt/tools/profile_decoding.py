@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 PARTS = {
     "products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::linear_fwd",
                  "mkldnn::_linear_pointwise", "aten::mkldnn_linear", "quantized::linear_dynamic",
-                 "aten::_weight_int8pack_mm", "aoti"),
+                 "aten::_weight_int8pack_mm"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax", "aten::softmax"),
     "norms, activations, residuals": ("aten::native_layer_norm", "aten::relu", "aten::add", "aten::add_",
                                       "aten::mul", "aten::gelu", "aten::embedding", "aten::index_select"),
@@ -63,8 +63,7 @@ def profile_translate(translator, sources: list[str], **options) -> dict:
         parent = event.cpu_parent
         while parent is not None and parent.name != "mt.step":
             parent = parent.cpu_parent
-        key = "aoti" if event.name.startswith("aoti") else event.name
-        (inside if parent is not None else outside)[_PART_OF.get(key, "other ops")] += event.self_cpu_time_total / 1e3
+        (inside if parent is not None else outside)[_PART_OF.get(event.name, "other ops")] += event.self_cpu_time_total / 1e3
     # time no operator accounts for: inside the step the layers' Python glue (eager) or the compiled
     # code (--aot: its kernels are not torch operators); outside it, the search loop
     inside[NO_OPERATOR] = in_step - sum(inside.values())

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from mt.errors import MTError
+
 
 def ct2_decode(model_dir: str, sources: list[str], *, beam_size: int, batch: int, compute_type: str,
                max_len_a: float, max_len_b: int, threads: int) -> dict:
@@ -54,7 +56,8 @@ def _ct2_in_child(model_dir: str, src: str, **options) -> dict:
         args += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode:
-        raise RuntimeError(f"CTranslate2 failed: {proc.stderr.strip().splitlines()[-1:]}")
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise MTError(f"--vs-ctranslate2: CTranslate2 failed ({last[:200]})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
